@@ -1,0 +1,135 @@
+"""The DEQ layer: z* = f(z*, x) by a root solver, gradients by implicit differentiation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .solvers import SolverStats, check_solver_kwargs, get_solver
+
+__all__ = ["DEQFixedPoint", "DEQInfo", "BACKWARD_MODES"]
+
+BACKWARD_MODES = ("implicit", "phantom")
+
+
+@dataclass
+class DEQInfo:
+    """Stats of one forward call. ``backward`` is filled in when (and if) the implicit
+    backward of that call runs; the object belongs to the call, so concurrent calls never
+    see each other's stats."""
+
+    forward: SolverStats
+    backward: SolverStats | None = None
+
+
+class DEQFixedPoint(nn.Module):
+    """z* = f(z*, x), with f an nn.Module taking (z, x) and z of the same shape as x.
+
+    Args:
+        f: the cell.
+        solver: forward solver name ("anderson", "forward", "broyden").
+        backward: "implicit" (solve g = (df/dz)^T g + y with ``backward_solver``) or
+            "phantom" (Jacobian-free: backprop through ``phantom_steps`` applications of f
+            at z*, a cheap approximation of the implicit gradient).
+        backward_solver / backward_kwargs: solver of the implicit backward; by default the
+            forward solver with the forward options.
+        phantom_steps: number of f applications the phantom gradient goes through.
+        **solver_kwargs: options of the forward solver (tol, max_iter, m, beta, ...).
+
+    ``forward(x)`` returns (z*, DEQInfo). Under ``torch.no_grad()`` / ``inference_mode()``
+    only the forward solve runs.
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        solver: str = "anderson",
+        backward: str = "implicit",
+        backward_solver: str | None = None,
+        backward_kwargs: dict | None = None,
+        phantom_steps: int = 1,
+        **solver_kwargs,
+    ):
+        super().__init__()
+        if backward not in BACKWARD_MODES:
+            raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+        if not isinstance(phantom_steps, int) or phantom_steps < 1:
+            raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}")
+        check_solver_kwargs(solver, solver_kwargs, "solver_kwargs")
+        backward_solver = backward_solver or solver
+        backward_kwargs = dict(solver_kwargs if backward_kwargs is None else backward_kwargs)
+        backward_kwargs.pop("callback", None)
+        check_solver_kwargs(backward_solver, backward_kwargs, "backward_kwargs")
+        self.f = f
+        self.solver = solver
+        self.solver_kwargs = dict(solver_kwargs)
+        self.backward_mode = backward
+        self.backward_solver = backward_solver
+        self.backward_kwargs = backward_kwargs
+        self.phantom_steps = phantom_steps
+
+    def solve(
+        self, x: Tensor, z0: Tensor | None = None, solver: str | None = None, **overrides
+    ) -> tuple[Tensor, SolverStats]:
+        """Forward solve only, without autograd. x: (B, C, H, W); returns z* (same shape).
+
+        ``solver`` and ``overrides`` (tol, beta, callback, ...) replace the layer's settings
+        for this call only.
+        """
+        name = solver or self.solver
+        kwargs = {**self.solver_kwargs, **overrides} if name == self.solver else dict(overrides)
+        check_solver_kwargs(name, kwargs, "solver options")
+        z0 = torch.zeros_like(x) if z0 is None else z0
+        with torch.no_grad():
+            return get_solver(name)(lambda z: self.f(z, x), z0, **kwargs)
+
+    def forward(self, x: Tensor, z0: Tensor | None = None) -> tuple[Tensor, DEQInfo]:
+        z_star, fstats = self.solve(x, z0)
+        info = DEQInfo(forward=fstats)
+        if not torch.is_grad_enabled():
+            return z_star, info
+        if self.backward_mode == "phantom":
+            z = z_star
+            for _ in range(self.phantom_steps):
+                z = self.f(z, x)
+            return z, info
+
+        # Implicit backward (SPEC): one re-engaging call of f gives the (df/dparams)^T and
+        # (df/dx)^T products; the hook replaces the incoming gradient y by the solution g of
+        # g = (df/dz)^T g + y, computed with VJPs of a separate f(z0, x) graph.
+        z = self.f(z_star, x)
+        if not z.requires_grad:  # nothing to differentiate (no grad-requiring inputs/params)
+            return z, info
+        z0 = z.detach().requires_grad_()
+        f0 = self.f(z0, x)
+        solve = get_solver(self.backward_solver)
+        kwargs = self.backward_kwargs
+
+        def implicit_backward(y: Tensor) -> Tensor:
+            def vjp_fixed_point(g: Tensor) -> Tensor:
+                return torch.autograd.grad(f0, z0, g, retain_graph=True)[0] + y
+
+            g, bstats = solve(vjp_fixed_point, y, **kwargs)
+            info.backward = bstats
+            return g
+
+        z.register_hook(implicit_backward)
+        return z, info
+
+    def extra_repr(self) -> str:
+        return (
+            f"solver={self.solver!r}, solver_kwargs={self.solver_kwargs}, "
+            f"backward={self.backward_mode!r}"
+        )
+
+
+def unroll(f: Callable[[Tensor, Tensor], Tensor], x: Tensor, n_iter: int) -> Tensor:
+    """n_iter forward iterations from z0 = 0 with ordinary autograd through all of them
+    (the explicit, memory-hungry baseline a DEQ replaces)."""
+    z = torch.zeros_like(x)
+    for _ in range(n_iter):
+        z = f(z, x)
+    return z

@@ -1,0 +1,338 @@
+"""Fixed-point solvers: find z* with z* = f(z*).
+
+Every solver has the same signature::
+
+    z_star, stats = solver(f, z0, *, tol=1e-2, max_iter=50, callback=None, check_every=None, ...)
+
+- ``f`` maps a tensor of shape (B, ...) to the same shape; sample b of the output depends only
+  on sample b of the input (true of DEQ cells with per-sample norms).
+- The residual of sample b is the relative residual ||f(z)_b - z_b|| / ||f(z)_b||.
+- A solve stops when every sample's best residual is below ``tol``, after ``max_iter``
+  f-evaluations (z0 counts as the first iterate), on a non-finite value, or when the residual blows up (see ``DIVERGENCE_FACTOR``).
+- The returned ``z_star`` is, per sample, the best iterate seen (lowest residual), not
+  merely the last one.
+- ``callback(iteration, residual)`` is called once per iteration with the batch residual
+  (max over samples) as a float. Giving one makes every iteration synchronise with the device.
+- ``check_every``: iterations between host-side convergence checks. Each check is one
+  host-device synchronisation; on CUDA the default (4) keeps the loop mostly sync-free, on
+  CPU the default is 1 (a check costs nothing there).
+
+All bookkeeping (residuals, best iterate) lives on the tensor's device; the residual trace is
+copied to the host once, at the end.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SolverStats",
+    "anderson",
+    "forward_iteration",
+    "broyden",
+    "SOLVERS",
+    "get_solver",
+    "check_solver_kwargs",
+]
+
+Callback = Callable[[int, float], None]
+
+#: A residual more than this many times the best one seen (for a sample not yet converged)
+#: is reported as divergence and stops the solve.
+DIVERGENCE_FACTOR = 1e3
+_EPS = 1e-12  # guards ||f(z)|| = 0 in the relative residual
+
+
+@dataclass
+class SolverStats:
+    """What one solve did. Created per call: safe to use from concurrent requests.
+
+    trace: batch residual (max over samples) of each iterate, trace[0] being that of z0;
+        one entry per f-evaluation.
+    sample_residuals: (B,) residual of the returned (best) iterate of each sample.
+    """
+
+    solver: str
+    trace: list[float]
+    sample_residuals: Tensor
+    n_evals: int
+    converged: bool
+    diverged: bool
+    message: str
+
+    @property
+    def residual(self) -> float:
+        """Largest per-sample residual of the returned iterate."""
+        return float(self.sample_residuals.max()) if self.sample_residuals.numel() else 0.0
+
+
+def _validate(tol: float, max_iter: int, check_every: int | None, callback) -> None:
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable, got {type(callback).__name__}")
+
+
+def _check_z0(z0: Tensor) -> None:
+    if not isinstance(z0, Tensor) or not z0.is_floating_point() or z0.dim() < 1:
+        raise ValueError("z0 must be a floating-point tensor of shape (B, ...)")
+
+
+class _Monitor:
+    """Residuals, best iterate, stopping rules: the part every solver shares.
+
+    Works on flattened iterates (B, D). ``observe`` is called once per iterate with z and f(z).
+    """
+
+    def __init__(self, z0: Tensor, tol: float, max_iter: int, callback, check_every):
+        batch = z0.shape[0]
+        self.tol = tol
+        self.callback = callback
+        if check_every is None:
+            check_every = 4 if z0.is_cuda else 1
+        self.check_every = 1 if callback is not None else check_every
+        self.trace = torch.empty(max_iter, dtype=z0.dtype, device=z0.device)
+        self.on_cpu = z0.device.type == "cpu"
+        self.best_z = z0
+        self.best_res = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
+        self.count = 0
+        self.converged = False
+        self.diverged = False
+        self.message = ""
+
+    def observe(self, z: Tensor, fz: Tensor, gz: Tensor | None = None) -> bool:
+        """Record iterate z (B, D) with f(z) and g = f(z) - z; return True to stop."""
+        if gz is None:
+            gz = fz - z
+        res = gz.norm(dim=1).div_(fz.norm(dim=1).clamp_min_(_EPS)).nan_to_num_(nan=math.inf)
+        improved = res < self.best_res
+        self.best_res = torch.minimum(res, self.best_res)
+        if self.on_cpu and bool(improved.all()):
+            self.best_z = z  # no copy: solvers never modify an iterate in place
+        else:
+            self.best_z = torch.where(improved.unsqueeze(1), z, self.best_z)
+        self.trace[self.count] = res.max()
+        self.count += 1
+        if self.callback is not None:
+            self.callback(self.count - 1, float(self.trace[self.count - 1]))
+        if self.count % self.check_every:
+            return False
+        return self._check(res)
+
+    def _check(self, res: Tensor) -> bool:
+        """The only place the loop waits for the device: one small copy to the host."""
+        current, best = torch.stack((res, self.best_res)).tolist()
+        if all(b < self.tol for b in best):
+            self.converged = True
+            self.message = f"converged: residual < tol={self.tol:g}"
+        elif not all(math.isfinite(r) for r in current):
+            self.diverged = True
+            self.message = f"diverged: non-finite residual at iteration {self.count - 1}"
+        elif any(r > DIVERGENCE_FACTOR * b and b >= self.tol for r, b in zip(current, best)):
+            self.diverged = True
+            self.message = (
+                f"diverged: residual grew over {DIVERGENCE_FACTOR:g}x its best "
+                f"at iteration {self.count - 1}"
+            )
+        return self.converged or self.diverged
+
+    def finish(self, name: str, shape: torch.Size, n_evals: int) -> tuple[Tensor, SolverStats]:
+        trace = self.trace[: self.count].tolist()  # the one host copy of the loop
+        if not self.message:
+            self.converged = bool((self.best_res < self.tol).all())
+            if self.converged:
+                self.message = f"converged: residual < tol={self.tol:g}"
+            else:
+                self.message = (
+                    f"not converged in {self.count} f-evaluations: "
+                    f"residual {float(self.best_res.max()):.3g} > tol={self.tol:g}"
+                )
+        stats = SolverStats(
+            solver=name,
+            trace=trace,
+            sample_residuals=self.best_res.detach(),
+            n_evals=n_evals,
+            converged=self.converged,
+            diverged=self.diverged,
+            message=self.message,
+        )
+        return self.best_z.reshape(shape), stats
+
+
+def forward_iteration(
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    *,
+    tol: float = 1e-2,
+    max_iter: int = 50,
+    callback: Callback | None = None,
+    check_every: int | None = None,
+) -> tuple[Tensor, SolverStats]:
+    """Plain fixed-point iteration z_{k+1} = f(z_k). z0: (B, ...); returns z* of the same shape."""
+    _check_z0(z0)
+    _validate(tol, max_iter, check_every, callback)
+    shape, batch = z0.shape, z0.shape[0]
+    mon = _Monitor(z0.reshape(batch, -1), tol, max_iter, callback, check_every)
+    z = z0.reshape(batch, -1)
+    n_evals = 0
+    for _ in range(max_iter):
+        fz = f(z.view(shape)).reshape(batch, -1)
+        n_evals += 1
+        if mon.observe(z, fz) or n_evals == max_iter:
+            break
+        z = fz
+    return mon.finish("forward", shape, n_evals)
+
+
+def anderson(
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    *,
+    tol: float = 1e-2,
+    max_iter: int = 50,
+    m: int = 5,
+    lam: float = 1e-4,
+    beta: float = 1.0,
+    callback: Callback | None = None,
+    check_every: int | None = None,
+) -> tuple[Tensor, SolverStats]:
+    """Anderson acceleration with memory m, regulariser lam and mixing beta (SPEC).
+
+    Keeps the last m iterates z_i and residuals g_i = f(z_i) - z_i (B, m, D) and, per sample,
+    picks alpha minimising ||G alpha||^2 + lam' ||alpha||^2 subject to sum(alpha) = 1; then
+    z = sum alpha_i (z_i + beta g_i) = beta sum alpha_i f(z_i) + (1 - beta) sum alpha_i z_i.
+    lam is relative to the newest squared residual (lam' = lam * ||g_k||^2), so the step does
+    not depend on the scale of z and tight float64 solves are not stalled by the regulariser.
+    The Gram matrix G G^T is updated one row per iteration, not recomputed.
+    """
+    _check_z0(z0)
+    _validate(tol, max_iter, check_every, callback)
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise ValueError(f"m must be an integer >= 1, got {m!r}")
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+
+    shape, batch = z0.shape, z0.shape[0]
+    z = z0.reshape(batch, -1)
+    dim, kw = z.shape[1], {"dtype": z0.dtype, "device": z0.device}
+    mon = _Monitor(z, tol, max_iter, callback, check_every)
+    G = torch.zeros(batch, m, dim, **kw)  # residuals g_i = f(z_i) - z_i
+    Y = torch.zeros(batch, m, dim, **kw)  # z_i + beta * g_i: the next z is sum_i alpha_i Y_i
+    gram = torch.zeros(batch, m, m, **kw)  # G G^T, one row/column updated per iteration
+    ones = torch.ones(batch, m, 1, **kw)
+
+    n_evals = 0
+    for k in range(max_iter):
+        fz = f(z.view(shape)).reshape(batch, -1)
+        n_evals += 1
+        slot, n = k % m, min(k + 1, m)
+        g = torch.sub(fz, z, out=G[:, slot])
+        if mon.observe(z, fz, g) or n_evals == max_iter:
+            break
+        torch.add(z, g, alpha=beta, out=Y[:, slot])
+        # g^T G^T rather than G g: the same numbers, several times faster on CPU.
+        row = torch.bmm(g.unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
+        # The SPEC's bordered system has the closed form alpha = H^-1 1 / (1^T H^-1 1).
+        H = gram[:, :n, :n] / row[:, slot, None, None].clamp_min(_EPS)
+        H.diagonal(dim1=1, dim2=2).add_(lam)
+        w = torch.linalg.solve_ex(H, ones[:, :n])[0]  # (B, n, 1); no host sync
+        alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
+        z = torch.bmm(alpha, Y[:, :n]).squeeze(1)
+    return mon.finish("anderson", shape, n_evals)
+
+
+def broyden(
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    *,
+    tol: float = 1e-2,
+    max_iter: int = 50,
+    callback: Callback | None = None,
+    check_every: int | None = None,
+) -> tuple[Tensor, SolverStats]:
+    """Broyden's ("good") method on g(z) = f(z) - z, per sample, without line search.
+
+    The inverse Jacobian of g is kept as -I + sum_i u_i v_i^T (rank grows by one per
+    iteration, up to max_iter - 1; memory 2 * B * max_iter * D).
+    """
+    _check_z0(z0)
+    _validate(tol, max_iter, check_every, callback)
+    shape, batch = z0.shape, z0.shape[0]
+    z = z0.reshape(batch, -1)
+    dim, kw = z.shape[1], {"dtype": z0.dtype, "device": z0.device}
+    mon = _Monitor(z, tol, max_iter, callback, check_every)
+    # Rank-r update vectors, in buffers that double when full (max_iter can be large).
+    U = torch.zeros(batch, min(max_iter, 8), dim, **kw)
+    V = torch.zeros_like(U)
+
+    def inv_jac(x: Tensor, r: int) -> Tensor:  # (-I + U^T V) x, as row vectors (fast bmm form)
+        return x.unsqueeze(1).bmm(V[:, :r].transpose(1, 2)).bmm(U[:, :r]).squeeze(1) - x
+
+    def inv_jac_t(x: Tensor, r: int) -> Tensor:  # (-I + V^T U) x
+        return x.unsqueeze(1).bmm(U[:, :r].transpose(1, 2)).bmm(V[:, :r]).squeeze(1) - x
+
+    fz = f(z.view(shape)).reshape(batch, -1)
+    n_evals = 1
+    g = fz - z
+    if not (mon.observe(z, fz, g) or max_iter == 1):
+        step = g  # -(-I) g
+        for r in range(max_iter - 1):
+            z = z + step
+            fz = f(z.view(shape)).reshape(batch, -1)
+            n_evals += 1
+            g_new = fz - z
+            if mon.observe(z, fz, g_new) or n_evals == max_iter:
+                break
+            dg, g = g_new - g, g_new
+            v = inv_jac_t(step, r)
+            denom = (v * dg).sum(1, keepdim=True)
+            safe = denom.abs() > _EPS
+            u = (step - inv_jac(dg, r)) / torch.where(safe, denom, torch.ones_like(denom))
+            if r == U.shape[1]:
+                U = torch.cat((U, torch.zeros_like(U)), 1)
+                V = torch.cat((V, torch.zeros_like(V)), 1)
+            U[:, r] = u * safe
+            V[:, r] = v * safe
+            step = -inv_jac(g, r + 1)
+    return mon.finish("broyden", shape, n_evals)
+
+
+SOLVERS: dict[str, Callable[..., tuple[Tensor, SolverStats]]] = {
+    "anderson": anderson,
+    "forward": forward_iteration,
+    "broyden": broyden,
+}
+
+
+def get_solver(name: str) -> Callable[..., tuple[Tensor, SolverStats]]:
+    """Look a solver up by name ("anderson", "forward", "broyden")."""
+    try:
+        return SOLVERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}") from None
+
+
+def check_solver_kwargs(name: str, kwargs: dict, argument: str = "solver_kwargs") -> None:
+    """Raise ValueError if ``kwargs`` holds a key the named solver does not take."""
+    params = inspect.signature(get_solver(name)).parameters
+    accepted = {p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{argument}: unknown option(s) {unknown} for solver {name!r}; "
+            f"accepted: {sorted(accepted)}"
+        )
