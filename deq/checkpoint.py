@@ -1,0 +1,174 @@
+"""Checkpoints: safetensors weights + a JSON config/model card. No pickles anywhere.
+
+A checkpoint is a directory::
+
+    model.safetensors   the state dict
+    config.json         {"model": ModelConfig fields, "card": {data set, accuracy, device, ...}}
+    train_log.jsonl     (optional) one JSON record per training epoch
+
+The same directory is what ``deq.hub`` pushes to a Hugging Face model repo, so
+``load_model`` takes a local directory or a Hub repo id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import DEQClassifier, ModelConfig
+
+__all__ = [
+    "save_checkpoint",
+    "load_model",
+    "read_config",
+    "resolve_checkpoint",
+    "save_state",
+    "load_state",
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+    "LOG_NAME",
+]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+LOG_NAME = "train_log.jsonl"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same directory, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def save_checkpoint(model: DEQClassifier, directory: str | Path, card: dict | None = None) -> Path:
+    """Write ``model`` (weights + config + card) into ``directory``; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), {"format": "pt"}))
+    _write_json(directory / CONFIG_NAME, {"model": model.config.to_dict(), "card": card or {}})
+    return directory
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A local checkpoint directory for ``source``: a directory, or a Hub repo id (downloaded
+    through huggingface_hub's cache; honours HF_HUB_OFFLINE)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"checkpoint must be a directory holding {WEIGHTS_NAME} and {CONFIG_NAME}, got file {path}")
+    if not _REPO_ID.match(str(source)):
+        raise FileNotFoundError(f"no checkpoint directory at {path} (and it is not a Hub repo id owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, LOG_NAME, "README.md"]))
+    except Exception as err:  # network, auth, offline mode, missing repo: one clear message
+        raise FileNotFoundError(f"could not get checkpoint {source!r} from the Hugging Face Hub: {err}") from err
+
+
+def read_config(source: str | Path) -> dict:
+    """The parsed config.json of a checkpoint: {"model": {...}, "card": {...}}."""
+    path = resolve_checkpoint(source) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint has no {CONFIG_NAME}: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{path} must hold an object with a 'model' config")
+    unknown = sorted(set(data) - {"model", "card"})
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}")
+    data.setdefault("card", {})
+    return data
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> DEQClassifier:
+    """Load a checkpoint (directory or Hub repo id) as a DEQClassifier in eval mode.
+
+    Keys are checked strictly; the card is attached as ``model.card`` (a dict).
+    """
+    directory = resolve_checkpoint(source)
+    data = read_config(directory)
+    model = DEQClassifier(ModelConfig.from_dict(data["model"]))
+    weights = directory / WEIGHTS_NAME
+    try:
+        state = load_file(str(weights), device=str(device))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint has no {WEIGHTS_NAME}: {weights}") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file: {err}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not match the model config in {CONFIG_NAME}: {err}") from None
+    model.card = data["card"]
+    return model.to(device).eval()
+
+
+# --- Training state (optimizer, scheduler, RNG) for --resume, also without pickles. ---
+
+
+def _split(obj, tensors: dict[str, torch.Tensor], prefix: str):
+    """Replace every tensor in a nested dict/list by a reference into ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise ValueError(f"cannot store dict keys {list(obj)} at {prefix}")
+        return {"__dict__": [[k, _split(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise ValueError(f"cannot store {type(obj).__name__} at {prefix}")
+
+
+def _join(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        return {k: _join(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """Save a nested dict of tensors/numbers/strings as ``path``.safetensors + ``path``.json."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _split(state, tensors, "s")
+    _atomic_write(path.with_suffix(".safetensors"), lambda p: save_file(tensors, str(p)))
+    _write_json(path.with_suffix(".json"), tree)
+
+
+def load_state(path: str | Path) -> dict:
+    """Inverse of ``save_state``."""
+    path = Path(path)
+    try:
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+        tree = json.loads(path.with_suffix(".json").read_text())
+        return _join(tree, tensors)
+    except (SafetensorError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"training state at {path} is corrupt: {err}") from None

@@ -1,0 +1,329 @@
+"""Train the DEQ CIFAR-10 classifier and write a checkpoint (safetensors + JSON card + log).
+
+    python train.py --preset seed --data data --out runs/seed          # SPEC's 50-epoch recipe
+    python train.py --preset fast --data data --out runs/fast          # fastest to >= 81.6% on a GPU
+    python train.py --preset cpu --data data --out runs/cpu --epochs 2 # what a CPU can do
+    torchrun --nproc_per_node=2 train.py --preset seed ...             # multi-GPU (DDP)
+
+Every TrainConfig field is a command-line option (--batch-size, --f-max-iter, ...); a preset
+sets defaults, explicit options override them. Data: see deq/data.py (class folders, e.g. the
+offline JPEG copy unpacked with `tar -xJf cifar10-jpeg.tar.xz -C data`, or torchvision's
+CIFAR10 with --download). --resume continues the run in --out from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from deq import DEQClassifier, ModelConfig
+from deq.checkpoint import LOG_NAME, load_state, save_checkpoint, save_state
+from deq.data import batches, describe_source, load_cifar10
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data"
+    out: str = "runs/seed"
+    download: bool = False
+    epochs: int = 50
+    batch_size: int = 100
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = False
+    backward: str = "implicit"  # or "phantom"
+    phantom_steps: int = 1
+    m: int = 5
+    lam: float = 1e-4
+    f_tol: float = 1e-2
+    f_max_iter: int = 25
+    b_tol: float = 1e-2
+    b_max_iter: int = 25
+    n_channels: int = 48
+    n_inner_channels: int = 64
+    amp: bool = False  # bf16 autocast (CUDA)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the cell
+    limit_train: int = 0  # 0 = all
+    limit_test: int = 0
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    progress: bool = True
+
+
+PRESETS: dict[str, dict] = {
+    "seed": {},  # the TrainConfig defaults are SPEC's reference recipe
+    "fast": {
+        "epochs": 15, "batch_size": 256, "lr": 3e-3, "augment": True, "label_smoothing": 0.1,
+        "backward": "phantom", "f_max_iter": 12, "amp": True, "channels_last": True,
+    },
+    "cpu": {
+        "epochs": 4, "batch_size": 50, "lr": 2e-3, "augment": False,
+        "backward": "phantom", "f_max_iter": 8,
+    },
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+    args = parser.parse_args(argv)  # unknown options: argparse exits with an error
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    try:
+        cfg = TrainConfig(**values)
+        model_config(cfg)  # validates solver options and the backward mode
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return cfg, args.preset
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    config = ModelConfig(
+        n_channels=cfg.n_channels,
+        n_inner_channels=cfg.n_inner_channels,
+        solver_kwargs={"m": cfg.m, "lam": cfg.lam, "tol": cfg.f_tol, "max_iter": cfg.f_max_iter},
+        backward=cfg.backward,
+        backward_kwargs={"m": cfg.m, "lam": cfg.lam, "tol": cfg.b_tol, "max_iter": cfg.b_max_iter},
+        phantom_steps=cfg.phantom_steps,
+    )
+    DEQClassifier(config)  # raises ValueError on bad solver options
+    return config
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
+    """(device, rank, world size); under torchrun, joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    return device, rank, world
+
+
+def load_data(cfg: TrainConfig, device: torch.device, rank: int, world: int):
+    if rank == 0:  # rank 0 decodes and caches first; the others then read the cache
+        train = load_cifar10(cfg.data, "train", download=cfg.download)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        train = load_cifar10(cfg.data, "train")
+    test = load_cifar10(cfg.data, "test", download=cfg.download and rank == 0)
+    if cfg.limit_train:  # a class-balanced prefix of a fixed shuffle, so tiny runs see all classes
+        keep = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(0))[: cfg.limit_train]
+        train = (train[0][keep], train[1][keep])
+    if cfg.limit_test:
+        keep = torch.randperm(len(test[1]), generator=torch.Generator().manual_seed(0))[: cfg.limit_test]
+        test = (test[0][keep], test[1][keep])
+    return tuple(t.to(device) for t in train), tuple(t.to(device) for t in test)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------- train / eval
+
+
+def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress) -> dict:
+    """One pass over the training data; returns means over this rank's samples."""
+    model.train()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch)
+    steps = math.ceil(len(data[1]) / world / cfg.batch_size)
+    sums = {"loss": 0.0, "correct": 0, "n": 0, "f_res": 0.0, "f_evals": 0, "b_res": 0.0, "b_evals": 0}
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+    for x, y in batches(*data, cfg.batch_size, shuffle=True, generator=gen, augment_data=cfg.augment, rank=rank, world_size=world):
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            logits, info = model(x, return_info=True)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_value = loss.item()  # one sync per step: also the non-finite check
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss_value}) at epoch {epoch + 1}; "
+                "stopping (the last checkpoint is from the last finished epoch)"
+            )
+        b = len(y)
+        sums["loss"] += loss_value * b
+        sums["correct"] += int((logits.argmax(1) == y).sum())
+        sums["n"] += b
+        sums["f_res"] += info.forward.residual * b
+        sums["f_evals"] += info.forward.n_evals * b
+        if info.backward is not None:
+            sums["b_res"] += info.backward.residual * b
+            sums["b_evals"] += info.backward.n_evals * b
+        bar.update()
+        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{sums['correct'] / sums['n']:.3f}",
+                        f_res=f"{info.forward.residual:.1e}", f_it=info.forward.n_evals,
+                        b_it=info.backward.n_evals if info.backward else "-")  # fmt: skip
+    bar.close()
+    return sums
+
+
+@torch.inference_mode()
+def evaluate(model, data, batch_size: int, amp: bool, device: torch.device) -> dict:
+    model.eval()
+    sums = {"loss": 0.0, "correct": 0, "n": 0, "f_res": 0.0, "f_evals": 0}
+    for x, y in batches(*data, batch_size):
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits, info = model(x, return_info=True)
+        sums["loss"] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        sums["correct"] += int((logits.argmax(1) == y).sum())
+        sums["n"] += len(y)
+        sums["f_res"] += info.forward.residual * len(y)
+        sums["f_evals"] += info.forward.n_evals * len(y)
+    return sums
+
+
+def reduce_sums(sums: dict, device: torch.device, world: int) -> dict:
+    if world > 1:
+        t = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        sums = dict(zip(sums, t.tolist()))
+    return sums
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, preset = parse_args(argv)
+    device, rank, world = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    train_data, test_data = load_data(cfg, device, rank, world)
+
+    model = DEQClassifier(model_config(cfg)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.deq.f.forward = torch.compile(model.deq.f.forward)  # keeps state-dict keys
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_data[1]) / world / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.min_lr)
+
+    start_epoch, elapsed, log = 0, 0.0, []
+    if cfg.resume and (out / "train_state.json").is_file():
+        state = load_state(out / "train_state")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, elapsed = state["epoch"], state["elapsed"]
+        log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()][:start_epoch]
+        if rank == 0:
+            print(f"resumed from {out} at epoch {start_epoch}")
+
+    card_base = {
+        "dataset": describe_source(cfg.data),
+        "train_images": len(train_data[1]),
+        "test_images": len(test_data[1]),
+        "device": device_name(device) + (f" x{world}" if world > 1 else ""),
+        "torch": torch.__version__,
+        "git_commit": git_commit(),
+        "command": " ".join(shlex.quote(a) for a in ["python", "train.py", *(sys.argv[1:] if argv is None else argv)]),
+        "preset": preset,
+        "train_config": dataclasses.asdict(cfg),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    result: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        tr = reduce_sums(run_epoch(net, opt, sched, train_data, cfg, epoch, device, rank, world, cfg.progress and rank == 0), device, world)
+        train_time = time.perf_counter() - t0
+        te = evaluate(model, test_data, max(cfg.batch_size, 100), cfg.amp, device)
+        elapsed += time.perf_counter() - t0
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": tr["loss"] / tr["n"],
+            "train_error": 1 - tr["correct"] / tr["n"],
+            "test_loss": te["loss"] / te["n"],
+            "test_error": 1 - te["correct"] / te["n"],
+            "forward_residual": tr["f_res"] / tr["n"],
+            "forward_iters": tr["f_evals"] / tr["n"],
+            "backward_residual": tr["b_res"] / tr["n"] if tr["b_evals"] else None,
+            "backward_iters": tr["b_evals"] / tr["n"] if tr["b_evals"] else None,
+            "test_forward_residual": te["f_res"] / te["n"],
+            "test_forward_iters": te["f_evals"] / te["n"],
+            "lr": sched.get_last_lr()[0],
+            "epoch_time_s": time.perf_counter() - t0,
+            "train_images_per_s": tr["n"] / train_time,
+            "elapsed_s": elapsed,
+        }
+        log.append(record)
+        if rank == 0:
+            print(json.dumps(record))
+            card = {**card_base, "epochs": epoch + 1, "test_accuracy": 1 - record["test_error"],
+                    "train_wall_time_s": elapsed, "finished": epoch + 1 == cfg.epochs}  # fmt: skip
+            save_checkpoint(model, out, card)
+            (out / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in log))
+            save_state(out / "train_state", {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(), "epoch": epoch + 1, "elapsed": elapsed,
+            })  # fmt: skip
+        result = record
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")
