@@ -108,7 +108,10 @@ class DEQFixedPoint(nn.Module):
         solve = get_solver(self.backward_solver)
         kwargs = self.backward_kwargs
 
-        def implicit_backward(y: Tensor) -> Tensor:
+        def implicit_backward(y: Tensor | None) -> Tensor | None:
+            if y is None:  # undefined gradient: nothing flows back
+                return None
+
             def vjp_fixed_point(g: Tensor) -> Tensor:
                 return torch.autograd.grad(f0, z0, g, retain_graph=True)[0] + y
 

@@ -1,0 +1,163 @@
+"""DEQ layer: exact implicit gradients (gradcheck), phantom gradients, memory, modes, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from deq import DEQFixedPoint, ResNetCell, unroll
+
+
+def small_cell(dtype=torch.float64, channels: int = 4, groups: int = 2, std: float = 0.1) -> ResNetCell:
+    """A contractive cell small enough for finite differences."""
+    torch.manual_seed(0)
+    return ResNetCell(channels, channels, groups, std).to(dtype)
+
+
+def tight(solver="anderson", **extra) -> dict:
+    kw = {"tol": 1e-12, "max_iter": 500}
+    return {"solver": solver, **kw, "backward_kwargs": dict(kw), **extra}
+
+
+@pytest.mark.parametrize(
+    "solver,channels,groups,fast_mode",
+    [("anderson", 2, 1, False), ("broyden", 2, 1, False), ("anderson", 4, 2, True), ("forward", 4, 2, True)],
+)
+def test_gradcheck_input_and_parameters(solver, channels, groups, fast_mode):
+    """Implicit gradient w.r.t. the input x and every parameter of f, against finite differences
+    (fast_mode checks a random projection of the Jacobian: cheaper, for the bigger cell)."""
+    layer = DEQFixedPoint(small_cell(channels=channels, groups=groups), **tight(solver))
+    params = dict(layer.named_parameters())
+    names = list(params)
+    x = torch.randn(1, channels, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *weights):
+        return functional_call(layer, dict(zip(names, weights)), (x,))[0]
+
+    inputs = (x, *(params[n].detach().clone().requires_grad_() for n in names))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast_mode)
+
+
+def grads(layer: DEQFixedPoint, x: torch.Tensor) -> torch.Tensor:
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    z, _ = layer(x)
+    (z * torch.linspace(-1, 1, z.numel(), dtype=z.dtype).view_as(z)).sum().backward()
+    return torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in layer.parameters()])
+
+
+def test_phantom_gradient_approximates_implicit_gradient():
+    cell = small_cell()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    exact = grads(DEQFixedPoint(cell, **tight()), x)
+    one_step = grads(DEQFixedPoint(cell, **tight(), backward="phantom"), x)
+    many = grads(DEQFixedPoint(cell, **tight(), backward="phantom", phantom_steps=200), x)
+    cos = torch.nn.functional.cosine_similarity(exact, one_step, dim=0)
+    assert 0.5 < cos < 1 - 1e-6  # a cheap approximation, not the exact gradient
+    torch.testing.assert_close(many, exact, atol=1e-8, rtol=1e-6)  # k steps -> implicit as k grows
+
+
+def count_saved_tensors(fn) -> int:
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return count
+
+
+def test_memory_does_not_grow_with_solver_iterations():
+    cell = small_cell(torch.float32)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+
+    def deq_forward(n):  # tol unreachable: exactly n iterations
+        return lambda: DEQFixedPoint(cell, solver="forward", tol=1e-30, max_iter=n)(x)
+
+    saved_deq = [count_saved_tensors(deq_forward(n)) for n in (10, 100)]
+    saved_unrolled = [count_saved_tensors(lambda n=n: unroll(cell, x, n)) for n in (10, 100)]
+    assert saved_deq[0] == saved_deq[1] > 0
+    assert saved_unrolled[1] > 5 * saved_unrolled[0]  # what the implicit backward avoids
+
+
+def test_no_grad_inference_mode_eval_and_train():
+    layer = DEQFixedPoint(small_cell(torch.float32), tol=1e-4, max_iter=50)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            z, info = layer(x)
+        assert not z.requires_grad and info.backward is None and info.forward.converged
+    for mode in (layer.eval, layer.train):
+        mode()
+        z, info = layer(x)
+        z.sum().backward()
+        assert info.backward is not None and info.backward.converged
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        x.grad = None
+
+
+def test_stats_belong_to_each_call():
+    layer = DEQFixedPoint(small_cell(torch.float32), tol=1e-4, max_iter=50)
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    z1, info1 = layer(x)
+    z2, info2 = layer(2 * x)
+    z2.sum().backward()
+    assert info1.backward is None and info2.backward is not None
+    assert info1.forward is not info2.forward
+
+
+def test_concurrent_solves_with_different_options():
+    layer = DEQFixedPoint(small_cell(torch.float32), tol=1e-2, max_iter=50)
+    x = torch.randn(1, 4, 5, 5)
+    results = {}
+
+    def run(tol):
+        with torch.inference_mode():
+            results[tol] = layer.solve(x, tol=tol, max_iter=200)[1]
+
+    threads = [threading.Thread(target=run, args=(tol,)) for tol in (1e-2, 1e-6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[1e-2].residual < 1e-2 and results[1e-6].residual < 1e-6
+    assert results[1e-6].n_evals > results[1e-2].n_evals
+    assert layer.solver_kwargs == {"tol": 1e-2, "max_iter": 50}  # nothing stored on the module
+
+
+def test_solve_with_another_solver_and_callback():
+    layer = DEQFixedPoint(small_cell(torch.float32), m=3, tol=1e-3)
+    x = torch.randn(1, 4, 5, 5)
+    seen = []
+    _, stats = layer.solve(x, solver="forward", tol=1e-4, max_iter=300, callback=lambda k, r: seen.append(r))
+    assert stats.solver == "forward" and stats.converged and len(seen) == stats.n_evals
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"solver": "newton"}, "solver must be one of"),
+        ({"backward": "exact"}, "backward must be one of"),
+        ({"tolerance": 1e-3}, "unknown option"),
+        ({"solver": "forward", "m": 5}, "unknown option"),
+        ({"backward_kwargs": {"beta": 2.0}, "backward_solver": "broyden"}, "backward_kwargs"),
+        ({"phantom_steps": 0}, "phantom_steps"),
+    ],
+)
+def test_bad_layer_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DEQFixedPoint(small_cell(), **kwargs)
+
+
+def test_bad_per_call_options():
+    layer = DEQFixedPoint(small_cell(torch.float32))
+    with pytest.raises(ValueError, match="unknown option"):
+        layer.solve(torch.zeros(1, 4, 3, 3), solver="forward", beta=2.0)
+    with pytest.raises(ValueError, match="beta"):
+        layer.solve(torch.zeros(1, 4, 3, 3), beta=-1.0)
