@@ -83,6 +83,15 @@ def _validate(tol: float, max_iter: int, check_every: int | None, callback) -> N
         raise ValueError(f"callback must be callable, got {type(callback).__name__}")
 
 
+def _validate_anderson(m: int, lam: float, beta: float) -> None:
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise ValueError(f"m must be an integer >= 1, got {m!r}")
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+
+
 def _check_z0(z0: Tensor) -> None:
     if not isinstance(z0, Tensor) or not z0.is_floating_point() or z0.dim() < 1:
         raise ValueError("z0 must be a floating-point tensor of shape (B, ...)")
@@ -217,12 +226,7 @@ def anderson(
     """
     _check_z0(z0)
     _validate(tol, max_iter, check_every, callback)
-    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-        raise ValueError(f"m must be an integer >= 1, got {m!r}")
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    _validate_anderson(m, lam, beta)
 
     shape, batch = z0.shape, z0.shape[0]
     z = z0.reshape(batch, -1)
@@ -327,12 +331,17 @@ def get_solver(name: str) -> Callable[..., tuple[Tensor, SolverStats]]:
 
 
 def check_solver_kwargs(name: str, kwargs: dict, argument: str = "solver_kwargs") -> None:
-    """Raise ValueError if ``kwargs`` holds a key the named solver does not take."""
+    """Raise ValueError if ``kwargs`` holds a key the named solver does not take, or a bad value
+    (so a layer rejects bad options when it is built, not at its first solve)."""
     params = inspect.signature(get_solver(name)).parameters
-    accepted = {p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
-    unknown = sorted(set(kwargs) - accepted)
+    accepted = {p: v.default for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(
             f"{argument}: unknown option(s) {unknown} for solver {name!r}; "
             f"accepted: {sorted(accepted)}"
         )
+    opts = {**accepted, **kwargs}
+    _validate(opts["tol"], opts["max_iter"], opts["check_every"], opts["callback"])
+    if name == "anderson":
+        _validate_anderson(opts["m"], opts["lam"], opts["beta"])

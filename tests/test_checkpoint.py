@@ -1,0 +1,87 @@
+"""Checkpoints: round trip, strict loading, clear errors; resume state without pickles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deq import DEQClassifier, ModelConfig
+from deq.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, load_state, read_config, save_checkpoint, save_state
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = DEQClassifier(ModelConfig(solver_kwargs={"tol": 1e-3, "max_iter": 30, "m": 4})).eval()
+    save_checkpoint(model, tmp_path / "ckpt", {"dataset": "test", "test_accuracy": 0.5})
+    return model, tmp_path / "ckpt"
+
+
+def test_round_trip_predicts_the_same(saved):
+    model, path = saved
+    loaded = load_model(path)
+    assert not loaded.training
+    assert loaded.config == model.config and loaded.card == {"dataset": "test", "test_accuracy": 0.5}
+    x = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temp files left
+
+
+def test_seed_model_has_spec_parameter_count():
+    assert sum(p.numel() for p in DEQClassifier().parameters()) == 64_842
+    wide = DEQClassifier(ModelConfig(n_channels=64, n_inner_channels=128))
+    assert wide(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cell_initialisation_follows_spec():
+    torch.manual_seed(0)
+    cell = DEQClassifier().deq.f
+    for conv in (cell.conv1, cell.conv2):
+        assert conv.bias is None and abs(conv.weight.std().item() - 0.01) < 1e-3
+
+
+def test_missing_or_mismatched_weights_are_clear_errors(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        load_model(tmp_path / "nowhere")
+    (path / WEIGHTS_NAME).write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_model(path)
+    other = DEQClassifier(ModelConfig(n_channels=32, n_inner_channels=64))
+    save_checkpoint(other, tmp_path / "other")
+    (path / WEIGHTS_NAME).write_bytes((tmp_path / "other" / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ValueError, match="does not match the model config"):
+        load_model(path)
+
+
+def test_config_errors(saved):
+    _, path = saved
+    data = json.loads((path / CONFIG_NAME).read_text())
+    data["model"]["n_layers"] = 3
+    (path / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="unknown key"):
+        load_model(path)
+    (path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_config(path)
+    with pytest.raises(ValueError, match="must be a directory"):
+        load_model(path / WEIGHTS_NAME)
+
+
+def test_training_state_round_trip(tmp_path):
+    model = DEQClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "epoch": 3, "elapsed": 1.5}
+    save_state(tmp_path / "state", state)
+    back = load_state(tmp_path / "state")
+    assert back["epoch"] == 3 and back["elapsed"] == 1.5 and torch.equal(back["rng"], state["rng"])
+    opt2 = torch.optim.Adam(DEQClassifier().parameters(), lr=1e-3)
+    opt2.load_state_dict(back["optimizer"])
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+    assert not list(tmp_path.glob("*.pt"))  # nothing pickled

@@ -1,0 +1,77 @@
+"""CIFAR-10 loading from class folders, caching, batches and augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deq.data import augment, batches, describe_source, load_cifar10
+from deq.model import CIFAR10_CLASSES
+
+
+def make_cifar_folder(root, per_class: int = 4, test_per_class: int = 2, size: int = 32, suffix: str = ".png"):
+    """A tiny class-folder CIFAR-10: each class a distinct mean colour plus noise."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for label, name in enumerate(CIFAR10_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            base = np.array([label * 25, 255 - label * 25, (label * 80) % 256])
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i:04d}{suffix}")
+    return root
+
+
+def test_class_folders_load_in_cifar_label_order_and_cache(tmp_path):
+    root = make_cifar_folder(tmp_path / "cifar")
+    images, labels = load_cifar10(root, "train")
+    assert images.shape == (40, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == [c for c in range(10) for _ in range(4)]
+    assert list((root / ".cache").glob("cifar10-train-*.safetensors"))
+    again = load_cifar10(root, "train")
+    assert torch.equal(again[0], images) and torch.equal(again[1], labels)
+    assert describe_source(root) == "CIFAR-10 (class-folder copy)"
+
+
+def test_missing_or_malformed_data_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected either a class-folder layout"):
+        load_cifar10(tmp_path / "nothing", "train")
+    root = make_cifar_folder(tmp_path / "c1", per_class=1, test_per_class=1)
+    (root / "train" / "truck").rename(root / "train" / "lorry")
+    with pytest.raises(ValueError, match="class folders"):
+        load_cifar10(root, "train")
+    root = make_cifar_folder(tmp_path / "c2", per_class=1, test_per_class=1, size=20)
+    with pytest.raises(ValueError, match="expected 32x32"):
+        load_cifar10(root, "test")
+    with pytest.raises(ValueError, match="split"):
+        load_cifar10(root, "validation")
+
+
+def test_batches_cover_data_once_and_shard_across_ranks():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 32, 32).contiguous()
+    labels = torch.arange(10)
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat([y for _, y in batches(images, labels, 4, shuffle=True, generator=g)])
+    assert sorted(seen.tolist()) == list(range(10))
+    shards = [
+        torch.cat([y for _, y in batches(images, labels, 3, shuffle=True, generator=torch.Generator().manual_seed(1), rank=r, world_size=2)])
+        for r in (0, 1)
+    ]
+    assert sorted(torch.cat(shards).tolist()) == list(range(10)) and len(shards[0]) == 5
+    x, y = next(batches(images, labels, 10))
+    assert x.dtype == torch.float32 and torch.allclose(x[:, 0, 0, 0] * 255, y.float())
+
+
+def test_augment_crops_and_flips_deterministically():
+    x = torch.rand(8, 3, 32, 32)
+    a = augment(x, torch.Generator().manual_seed(0))
+    b = augment(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+    # every output is a crop of the zero-padded (possibly mirrored) input
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(8):
+        windows = [padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(a[i], w) or torch.equal(a[i], w.flip(2)) for w in windows)

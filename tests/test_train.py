@@ -1,0 +1,132 @@
+"""train.py end to end on tiny made-up data: checkpoint, resume, DDP (gloo), errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data import make_cifar_folder
+
+import train
+from deq.checkpoint import LOG_NAME, WEIGHTS_NAME, load_model
+from deq.data import batches, load_cifar10
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "2", "--batch-size", "25", "--f-max-iter", "5", "--b-max-iter", "5", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_cifar_folder(tmp_path_factory.mktemp("cifar"), per_class=10, test_per_class=3)
+
+
+def run(data_dir, out, *extra):
+    return train.main(["--data", str(data_dir), "--out", str(out), *TINY, *extra])
+
+
+def test_end_to_end_checkpoint_loads_and_matches_its_card(data_dir, tmp_path):
+    record = run(data_dir, tmp_path / "run")
+    model = load_model(tmp_path / "run")
+    card = model.card
+    assert card["epochs"] == 2 and card["finished"] and card["dataset"] == "CIFAR-10 (class-folder copy)"
+    assert card["parameters"] == 64_842 and card["train_config"]["batch_size"] == 25
+    assert {"device", "torch", "git_commit", "command", "train_wall_time_s"} <= set(card)
+    # the saved weights are the evaluated ones: recompute the test accuracy from the checkpoint
+    images, labels = load_cifar10(data_dir, "test")
+    with torch.inference_mode():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches(images, labels, 100))
+    assert correct / len(labels) == pytest.approx(card["test_accuracy"]) == pytest.approx(1 - record["test_error"])
+    log = [json.loads(line) for line in (tmp_path / "run" / LOG_NAME).read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(r["backward_iters"] > 0 and r["forward_iters"] > 0 and r["train_images_per_s"] > 0 for r in log)
+
+
+def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(data_dir, tmp_path, monkeypatch):
+    run(data_dir, tmp_path / "full", "--backward", "phantom")
+    calls = {"n": 0}
+    real_evaluate = train.evaluate
+
+    def evaluate_then_die(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed during epoch 2
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(data_dir, tmp_path / "cut", "--backward", "phantom")
+    assert load_model(tmp_path / "cut").card["epochs"] == 1
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    run(data_dir, tmp_path / "cut", "--backward", "phantom", "--resume")
+    full, cut = (load_file(str(tmp_path / d / WEIGHTS_NAME)) for d in ("full", "cut"))
+    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    logs = [[json.loads(x) for x in (tmp_path / d / LOG_NAME).read_text().splitlines()] for d in ("full", "cut")]
+    assert [r["test_error"] for r in logs[0]] == [r["test_error"] for r in logs[1]]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    real_ce, calls = train.F.cross_entropy, {"n": 0}
+
+    def ce_goes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 6 else loss  # 4 train steps + 1 eval batch per epoch
+
+    monkeypatch.setattr(train.F, "cross_entropy", ce_goes_nan)
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        run(data_dir, tmp_path / "nan")
+    model = load_model(tmp_path / "nan")
+    assert model.card["epochs"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--learning-rate", "1"], "unrecognized arguments"),
+        (["--backward", "exact"], "backward must be one of"),
+        (["--m", "0"], "m must be an integer >= 1"),
+        (["--preset", "turbo"], "invalid choice"),
+    ],
+)
+def test_bad_options_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_presets_and_overrides():
+    cfg, preset = train.parse_args(["--preset", "fast", "--epochs", "3"])
+    assert preset == "fast" and cfg.epochs == 3 and cfg.backward == "phantom" and cfg.augment
+    seed, _ = train.parse_args(["--preset", "seed"])
+    assert (seed.lr, seed.min_lr, seed.batch_size, seed.epochs, seed.augment) == (1e-3, 1e-6, 100, 50, False)
+    assert (seed.m, seed.f_tol, seed.f_max_iter, seed.b_tol, seed.b_max_iter) == (5, 1e-2, 25, 1e-2, 25)
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "error: no CIFAR-10 data at" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_ddp_two_processes_gloo(data_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "train.py", "--data", str(data_dir), "--out", str(tmp_path / "ddp"), *TINY, "--epochs", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"epoch": 1') == 1  # rank 0 alone logs
+    model = load_model(tmp_path / "ddp")
+    assert model.card["device"].endswith("x2") and model.card["epochs"] == 1
+    log = (tmp_path / "ddp" / LOG_NAME).read_text().splitlines()
+    assert len(log) == 1 and json.loads(log[0])["train_images_per_s"] > 0
