@@ -82,9 +82,20 @@ class DEQFixedPoint(nn.Module):
         name = solver or self.solver
         kwargs = {**self.solver_kwargs, **overrides} if name == self.solver else dict(overrides)
         check_solver_kwargs(name, kwargs, "solver options")
-        z0 = torch.zeros_like(x) if z0 is None else z0
-        with torch.no_grad():
-            return get_solver(name)(lambda z: self.f(z, x), z0, **kwargs)
+        # Under autocast, f keeps the caller's mixed precision but the solver's own arithmetic
+        # (iterates, Gram matrices, small solves) stays in at least float32.
+        device = x.device.type
+        amp = torch.is_autocast_enabled(device)
+        state_dtype = torch.promote_types(x.dtype, torch.float32)
+        z0 = torch.zeros_like(x, dtype=state_dtype) if z0 is None else z0.to(state_dtype)
+        amp_dtype = torch.get_autocast_dtype(device)
+
+        def f(z: Tensor) -> Tensor:
+            with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+                return self.f(z, x).to(state_dtype)
+
+        with torch.no_grad(), torch.autocast(device, enabled=False):
+            return get_solver(name)(f, z0, **kwargs)
 
     def forward(self, x: Tensor, z0: Tensor | None = None) -> tuple[Tensor, DEQInfo]:
         z_star, fstats = self.solve(x, z0)

@@ -161,3 +161,14 @@ def test_bad_per_call_options():
         layer.solve(torch.zeros(1, 4, 3, 3), solver="forward", beta=2.0)
     with pytest.raises(ValueError, match="beta"):
         layer.solve(torch.zeros(1, 4, 3, 3), beta=-1.0)
+
+
+def test_autocast_bf16_keeps_solver_state_in_float32():
+    layer = DEQFixedPoint(small_cell(torch.float32), tol=1e-2, max_iter=30)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        z, info = layer(x)
+        z_star, stats = layer.solve(x)
+    z.float().sum().backward()
+    assert z_star.dtype == torch.float32 and stats.converged and info.forward.converged
+    assert info.backward is not None and torch.isfinite(x.grad).all()
