@@ -15,6 +15,7 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
+ARCHS = ("seed", "large")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -27,6 +28,7 @@ def _default_solver_kwargs() -> dict:
 class ModelConfig:
     """Everything needed to rebuild a classifier; saved as JSON in every checkpoint."""
 
+    arch: str = "seed"  # "seed" (SPEC) or "large" (downsampling stem, DEQ at 16x16, conv head)
     n_channels: int = 48
     n_inner_channels: int = 64
     n_groups: int = 8
@@ -82,16 +84,26 @@ class ResNetCell(nn.Module):
 class DEQClassifier(nn.Module):
     """Images (B, 3, 32, 32), RGB floats in [0, 1] -> logits (B, n_classes).
 
-    normalise -> Conv(3, C) -> BN -> DEQ(ResNetCell) -> BN -> AvgPool -> Linear.
+    arch "seed": normalise -> Conv(3, C) -> BN -> DEQ(ResNetCell) -> BN -> AvgPool -> Linear.
+    arch "large": normalise -> conv stem to (C, 16, 16) -> DEQ(ResNetCell) -> BN -> strided conv
+    -> global average pool -> Linear.
     """
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
         self.config = config = config or ModelConfig()
+        if config.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
         c = config.n_channels
         self.register_buffer("mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1), persistent=False)
-        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=True), nn.BatchNorm2d(c))
+        if config.arch == "seed":
+            self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=True), nn.BatchNorm2d(c))
+        else:  # "large": an explicit stem down to 16x16, so the equilibrium is wide but cheap
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, c // 2, 3, padding=1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(),
+                nn.Conv2d(c // 2, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c),
+            )  # fmt: skip
         cell = ResNetCell(c, config.n_inner_channels, config.n_groups, config.init_std)
         self.deq = DEQFixedPoint(
             cell,
@@ -101,13 +113,20 @@ class DEQClassifier(nn.Module):
             phantom_steps=config.phantom_steps,
             **config.solver_kwargs,
         )
-        pooled = config.image_size // config.pool_size
-        self.head = nn.Sequential(
-            nn.BatchNorm2d(c),
-            nn.AvgPool2d(config.pool_size, config.pool_size),
-            nn.Flatten(),
-            nn.Linear(c * pooled * pooled, config.n_classes),
-        )
+        if config.arch == "seed":
+            pooled = config.image_size // config.pool_size
+            self.head = nn.Sequential(
+                nn.BatchNorm2d(c),
+                nn.AvgPool2d(config.pool_size, config.pool_size),
+                nn.Flatten(),
+                nn.Linear(c * pooled * pooled, config.n_classes),
+            )
+        else:
+            self.head = nn.Sequential(
+                nn.BatchNorm2d(c),
+                nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, config.n_classes),
+            )  # fmt: skip
 
     def inject(self, images: Tensor) -> Tensor:
         """The input injection x (B, C, H, W), computed once per image."""

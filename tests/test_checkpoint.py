@@ -85,3 +85,15 @@ def test_training_state_round_trip(tmp_path):
     for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
     assert not list(tmp_path.glob("*.pt"))  # nothing pickled
+
+
+def test_large_arch_round_trip(tmp_path):
+    config = ModelConfig(arch="large", n_channels=32, n_inner_channels=64, backward="phantom")
+    model = DEQClassifier(config).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert model.inject(x).shape == (2, 32, 16, 16)  # the equilibrium lives at 16x16
+    save_checkpoint(model, tmp_path / "large")
+    with torch.inference_mode():
+        torch.testing.assert_close(load_model(tmp_path / "large")(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        DEQClassifier(ModelConfig(arch="huge"))

@@ -130,3 +130,12 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
     assert model.card["device"].endswith("x2") and model.card["epochs"] == 1
     log = (tmp_path / "ddp" / LOG_NAME).read_text().splitlines()
     assert len(log) == 1 and json.loads(log[0])["train_images_per_s"] > 0
+
+
+def test_large_preset_trains_with_test_time_flips(data_dir, tmp_path):
+    small = ["--n-channels", "16", "--n-inner-channels", "16", "--no-amp", "--no-channels-last"]
+    record = train.main(["--preset", "large", "--data", str(data_dir), "--out", str(tmp_path / "large"),
+                         *TINY, "--epochs", "1", *small])  # fmt: skip
+    model = load_model(tmp_path / "large")
+    assert model.config.arch == "large" and model.card["train_config"]["test_flip"]
+    assert 0 <= record["test_error"] <= 1 and record["backward_iters"] is None  # phantom gradient
