@@ -34,6 +34,7 @@ from tqdm import tqdm
 from deq import DEQClassifier, ModelConfig
 from deq.checkpoint import LOG_NAME, load_state, save_checkpoint, save_state
 from deq.data import batches, describe_source, load_cifar10
+from deq.evaluate import evaluate
 
 
 @dataclass
@@ -222,23 +223,6 @@ def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress
     return sums
 
 
-@torch.inference_mode()
-def evaluate(model, data, batch_size: int, amp: bool, device: torch.device, flip: bool = False) -> dict:
-    model.eval()
-    sums = {"loss": 0.0, "correct": 0, "n": 0, "f_res": 0.0, "f_evals": 0}
-    for x, y in batches(*data, batch_size):
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits, info = model(x, return_info=True)
-            if flip:
-                logits = (logits.float() + model(x.flip(3)).float()) / 2
-        sums["loss"] += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        sums["correct"] += int((logits.argmax(1) == y).sum())
-        sums["n"] += len(y)
-        sums["f_res"] += info.forward.residual * len(y)
-        sums["f_evals"] += info.forward.n_evals * len(y)
-    return sums
-
-
 def reduce_sums(sums: dict, device: torch.device, world: int) -> dict:
     if world > 1:
         t = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=device)
@@ -296,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         tr = reduce_sums(run_epoch(net, opt, sched, train_data, cfg, epoch, device, rank, world, cfg.progress and rank == 0), device, world)
         train_time = time.perf_counter() - t0
-        te = evaluate(model, test_data, max(cfg.batch_size, 100), cfg.amp, device, cfg.test_flip)
+        te = evaluate(model, *test_data, batch_size=max(cfg.batch_size, 100), amp=cfg.amp, flip=cfg.test_flip)
         elapsed += time.perf_counter() - t0
         record = {
             "epoch": epoch + 1,

@@ -97,3 +97,17 @@ def test_large_arch_round_trip(tmp_path):
         torch.testing.assert_close(load_model(tmp_path / "large")(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="arch must be one of"):
         DEQClassifier(ModelConfig(arch="huge"))
+
+
+def test_evaluate_cli_solves_to_the_requested_tolerance(saved, tmp_path, capsys):
+    from test_data import make_cifar_folder
+
+    from deq.evaluate import main as evaluate_main
+
+    _, path = saved
+    data = make_cifar_folder(tmp_path / "cifar", per_class=1, test_per_class=2)
+    evaluate_main([str(path), "--data", str(data), "--tol", "1e-4", "--max-iter", "200"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 20 and 0 <= report["accuracy"] <= 1
+    assert report["solver"] == {"solver": "anderson", "tol": 1e-4, "max_iter": 200}
+    assert report["converged_fraction"] == 1.0 and report["mean_residual"] < 1e-4
