@@ -33,6 +33,7 @@ __all__ = [
     "solve",
     "classify",
     "stream_solve",
+    "warm_up",
     "top_classes",
     "residual_figure",
     "results_table",
@@ -438,11 +439,21 @@ def stream_solve(
             if dirty and not progress.ended and time.perf_counter() - last_yield >= interval:
                 yield _frame(fig, progress, settings)
                 last_yield, dirty = time.perf_counter(), False
+        thread.join()  # it has sent "end"; a thread still in torch at interpreter exit aborts it
         if progress.error is not None:
             raise progress.error
         yield _frame(fig, progress, settings, final=True)
     finally:
-        cancel.set()
+        cancel.set()  # stops the solve at its next f-evaluation if the consumer left early
+        thread.join(timeout=10)
+
+
+def warm_up(model: DEQClassifier) -> None:
+    """One tiny request, so that the first real one does not pay for lazy initialisation
+    (plotly imports its validators on the first figure, ~0.2-0.5 s; torch sets up its kernels)."""
+    blank = torch.full((1, 3, model.config.image_size, model.config.image_size), 0.5)
+    for _ in stream_solve(model, blank, SolveSettings(max_iter=2)):
+        pass
 
 
 def _drain(events: queue.Queue, timeout: float) -> list[tuple]:
@@ -602,7 +613,7 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
         lines.append(f"- Data: {card['dataset']}")
     solver_opts = ", ".join(f"{k}={v}" for k, v in cfg.solver_kwargs.items())
     lines.append(
-        f"- {n_params:,} parameters; equilibrium width {cfg.n_channels} channels; "
+        f"- {cfg.arch} architecture, {n_params:,} parameters, equilibrium width {cfg.n_channels} channels; "
         f"trained with the {cfg.solver} solver ({solver_opts}), {cfg.backward} backward"
     )
     if card.get("torch"):

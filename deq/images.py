@@ -15,13 +15,23 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["PreparedImage", "prepare_image", "load_image", "to_preview", "MAX_PIXELS", "MAX_FILE_BYTES"]
+__all__ = [
+    "PreparedImage",
+    "prepare_image",
+    "load_image",
+    "to_preview",
+    "MAX_PIXELS",
+    "MAX_FILE_BYTES",
+    "FORMATS",
+]
 
 #: Largest accepted image (pixels), checked before decoding: bigger ones are refused, which
 #: also keeps decompression bombs (tiny files declaring huge dimensions) out.
 MAX_PIXELS = 50_000_000
 #: Largest accepted file.
 MAX_FILE_BYTES = 50 * 1024 * 1024
+#: Formats decoded. Others are refused: EPS, for one, would run Ghostscript on the upload.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA", "AVIF")
 
 Source = str | os.PathLike | bytes
 
@@ -56,7 +66,8 @@ def _open(source: Source) -> Image.Image:
             raise ValueError("The file could not be read (it does not exist or is not accessible).") from None
         fp = source
     try:
-        return Image.open(fp)  # reads the header only
+        Image.init()
+        return Image.open(fp, formats=[f for f in FORMATS if f in Image.OPEN])  # reads the header only
     except Image.DecompressionBombError:
         raise ValueError(
             f"The image is too large (the limit is {MAX_PIXELS / 1e6:.0f} megapixels)."
@@ -126,9 +137,8 @@ def prepare_image(source: Source, size: int = 32) -> PreparedImage:
         _check_size(im)
         fmt, mode, (width, height) = im.format or "unknown", im.mode, im.size
         notes: list[str] = []
-        frames = getattr(im, "n_frames", 1)
-        if frames > 1:
-            notes.append(f"first frame of {frames}")
+        if getattr(im, "is_animated", False):  # n_frames would scan the whole file
+            notes.append("first frame of an animation")
         if fmt == "JPEG":  # let libjpeg decode big photos at 1/2 .. 1/8 scale: far less work
             im.draft("RGB", (4 * size, 4 * size))
         try:

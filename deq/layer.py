@@ -23,6 +23,8 @@ class DEQInfo:
 
     forward: SolverStats
     backward: SolverStats | None = None
+    #: Hutchinson estimate of ||df/dz||_F^2 / dim at z*, differentiable (only when asked for).
+    jacobian_penalty: Tensor | None = None
 
 
 class DEQFixedPoint(nn.Module):
@@ -97,11 +99,19 @@ class DEQFixedPoint(nn.Module):
         with torch.no_grad(), torch.autocast(device, enabled=False):
             return get_solver(name)(f, z0, **kwargs)
 
-    def forward(self, x: Tensor, z0: Tensor | None = None) -> tuple[Tensor, DEQInfo]:
+    def forward(
+        self, x: Tensor, z0: Tensor | None = None, jacobian_penalty: bool = False
+    ) -> tuple[Tensor, DEQInfo]:
+        """z* (same shape as x) and this call's stats. ``jacobian_penalty``: also return, in
+        ``info.jacobian_penalty``, the Jacobian regulariser of Bai et al. (2021) to add to the
+        loss: it keeps f contractive, so the equilibrium exists and solvers converge."""
         z_star, fstats = self.solve(x, z0)
         info = DEQInfo(forward=fstats)
         if not torch.is_grad_enabled():
             return z_star, info
+        if jacobian_penalty:
+            z_leaf = z_star.detach().requires_grad_()
+            info.jacobian_penalty = _jacobian_penalty(self.f(z_leaf, x), z_leaf)
         if self.backward_mode == "phantom":
             z = z_star
             for _ in range(self.phantom_steps):
@@ -138,6 +148,13 @@ class DEQFixedPoint(nn.Module):
             f"solver={self.solver!r}, solver_kwargs={self.solver_kwargs}, "
             f"backward={self.backward_mode!r}"
         )
+
+
+def _jacobian_penalty(fz: Tensor, z: Tensor) -> Tensor:
+    """||J||_F^2 / dim for J = dfz/dz, estimated with one random projection (E[||v^T J||^2] = ||J||_F^2)."""
+    v = torch.randn_like(fz)
+    (vjp,) = torch.autograd.grad(fz, z, v, create_graph=True)
+    return vjp.float().pow(2).sum() / v.numel()
 
 
 def unroll(f: Callable[[Tensor, Tensor], Tensor], x: Tensor, n_iter: int) -> Tensor:

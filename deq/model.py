@@ -132,7 +132,9 @@ class DEQClassifier(nn.Module):
         """The input injection x (B, C, H, W), computed once per image."""
         return self.stem((images - self.mean) / self.std)
 
-    def forward(self, images: Tensor, return_info: bool = False) -> Tensor | tuple[Tensor, DEQInfo]:
-        z, info = self.deq(self.inject(images))
+    def forward(
+        self, images: Tensor, return_info: bool = False, jacobian_penalty: bool = False
+    ) -> Tensor | tuple[Tensor, DEQInfo]:
+        z, info = self.deq(self.inject(images), jacobian_penalty=jacobian_penalty)
         logits = self.head(z)
         return (logits, info) if return_info else logits

@@ -1,0 +1,109 @@
+"""Latency of the demo's request: time to the first streamed frame and to the final answer.
+
+    python -m bench.app                          # model from checkpoints/ (as app.py picks it)
+    python -m bench.app --model DIR_OR_REPO_ID --tol 1e-4 --threads 1
+
+Runs ``deq.demo.stream_solve`` (both solvers, Anderson then forward iteration, the app's frame
+throttle) on the ten example images, after one warm-up request, and prints p50/p90 over them.
+Image decoding is included (it is part of a request); the web server's own overhead is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from deq.checkpoint import load_model
+from deq.demo import SolveSettings, model_sources, stream_solve
+from deq.images import prepare_image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile, q in [0, 1]."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def run_request(model, path: Path, settings: SolveSettings) -> dict:
+    """One request as the app serves it; times in seconds from its start."""
+    start = time.perf_counter()
+    prepared = prepare_image(path)
+    first = None
+    frames = 0
+    for frame in stream_solve(model, prepared, settings):
+        frames += 1
+        if first is None:
+            first = time.perf_counter() - start
+        if frame.final:
+            total = time.perf_counter() - start
+            results = frame.results
+    return {
+        "first": first,
+        "total": total,
+        "frames": frames,
+        "anderson_evals": results["anderson"].n_evals,
+        "forward_evals": results["forward"].n_evals,
+        "anderson_s": results["anderson"].wall_s,
+        "forward_s": results["forward"].wall_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="checkpoint directory or Hub repo id (default: as app.py chooses)")
+    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--max-iter", type=int, default=SolveSettings.max_iter)
+    parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (app.py uses 1)")
+    parser.add_argument("--examples", default=str(ROOT / "examples"))
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    source = args.model
+    try:
+        if source is None:
+            sources, default = model_sources(ROOT / "checkpoints", os.environ.get("DEQ_MODEL"))
+            source = sources[default]
+        model = load_model(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    settings = SolveSettings(beta=args.beta, tol=args.tol, max_iter=args.max_iter).validate()
+    images = sorted(Path(args.examples).glob("*.jpg"))
+    if not images:
+        raise SystemExit(f"no example images in {args.examples}")
+    run_request(model, images[0], settings)  # warm-up
+    rows = [(p.stem, run_request(model, p, settings)) for p in images]
+
+    print(f"model {source}; tol {args.tol:g}, beta {args.beta:g}, max_iter {args.max_iter}; "
+          f"torch threads {args.threads}; {os.cpu_count()} CPUs")  # fmt: skip
+    print(f"{'image':<11} {'first frame':>12} {'final':>9} {'frames':>6} {'Anderson':>15} {'forward':>15}")
+    for name, r in rows:
+        print(
+            f"{name:<11} {r['first'] * 1e3:>9.1f} ms {r['total'] * 1e3:>6.0f} ms {r['frames']:>6} "
+            f"{r['anderson_evals']:>4} f {r['anderson_s'] * 1e3:>5.0f} ms {r['forward_evals']:>4} f "
+            f"{r['forward_s'] * 1e3:>5.0f} ms"
+        )
+    print()
+    print(f"{'':<15} {'p50':>9} {'p90':>9} {'target':>9}")
+    for key, label, target in (("first", "first frame", "100 ms"), ("total", "final answer", "300 ms p50")):
+        values = [r[key] * 1e3 for _, r in rows]
+        p50, p90 = quantile(values, 0.5), quantile(values, 0.9)
+        print(f"{label:<15} {p50:>6.1f} ms {p90:>6.1f} ms {target:>9}")
+    speedup = statistics.median(r["forward_s"] / r["anderson_s"] for _, r in rows)
+    print(f"median wall-time ratio forward / Anderson: {speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()

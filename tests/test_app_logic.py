@@ -1,0 +1,556 @@
+"""The demo's logic without a server: preprocessing (incl. every bad input), the streaming
+generator, tables, model listing, cards, training curves, and the app's wiring."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import json
+import math
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deq import DEQClassifier, ModelConfig
+from deq.checkpoint import save_checkpoint
+from deq.demo import (
+    SolverResult,
+    SolveSettings,
+    card_markdown,
+    classify,
+    find_checkpoints,
+    load_models,
+    model_sources,
+    read_train_log,
+    residual_figure,
+    results_table,
+    stream_solve,
+    top_classes,
+    training_figures,
+    warm_up,
+)
+from deq.images import MAX_PIXELS, load_image, prepare_image
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def small_model(seed: int = 0) -> DEQClassifier:
+    torch.manual_seed(seed)
+    return DEQClassifier(ModelConfig(n_channels=16, n_inner_channels=16, n_groups=4)).eval()
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def save(im: Image.Image, path: Path, fmt: str, **kw) -> Path:
+    im.save(path, fmt, **kw)
+    return path
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header declares width x height (a decompression bomb's calling card)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
+
+
+def rgb_of(tensor: torch.Tensor) -> list[float]:
+    """Mean colour of a (1, 3, H, W) tensor."""
+    return tensor.mean(dim=(0, 2, 3)).tolist()
+
+
+def check_tensor(t: torch.Tensor) -> None:
+    assert t.shape == (1, 3, 32, 32) and t.dtype == torch.float32
+    assert torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "expected_rgb"),
+    [
+        ("rgb.png", lambda p: save(Image.new("RGB", (50, 40), (255, 0, 0)), p, "PNG"), (1, 0, 0)),
+        ("gray.png", lambda p: save(Image.new("L", (40, 40), 128), p, "PNG"), (128 / 255,) * 3),
+        ("rgba.png", lambda p: save(Image.new("RGBA", (40, 40), (255, 0, 0, 0)), p, "PNG"), (1, 1, 1)),
+        ("half.png", lambda p: save(Image.new("RGBA", (40, 40), (0, 0, 0, 128)), p, "PNG"), (127 / 255,) * 3),
+        ("la.png", lambda p: save(Image.new("LA", (40, 40), (0, 0)), p, "PNG"), (1, 1, 1)),
+        (
+            "palette.png",
+            lambda p: save(Image.new("RGB", (40, 40), (0, 0, 255)).convert("P"), p, "PNG"),
+            (0, 0, 1),
+        ),
+        ("cmyk.jpg", lambda p: save(Image.new("CMYK", (40, 40), (255, 0, 0, 0)), p, "JPEG"), (0, 1, 1)),
+        ("cmyk.tif", lambda p: save(Image.new("CMYK", (40, 40), (0, 0, 0, 255)), p, "TIFF"), (0, 0, 0)),
+        (
+            "i16.png",
+            lambda p: save(Image.fromarray(np.full((20, 20), 65535, np.uint16)), p, "PNG"),
+            (1, 1, 1),
+        ),
+        (
+            "i16-mid.png",
+            lambda p: save(Image.fromarray(np.full((20, 20), 32768, np.uint16)), p, "PNG"),
+            (0.5,) * 3,
+        ),
+        ("bits.png", lambda p: save(Image.new("1", (40, 40), 1), p, "PNG"), (1, 1, 1)),
+        ("float.tif", lambda p: save(Image.new("F", (40, 40), 0.25), p, "TIFF"), (0.25,) * 3),
+        ("one.png", lambda p: save(Image.new("RGB", (1, 1), (0, 255, 0)), p, "PNG"), (0, 1, 0)),
+        ("thin.png", lambda p: save(Image.new("RGB", (4000, 2), (0, 0, 255)), p, "PNG"), (0, 0, 1)),
+        ("tall.bmp", lambda p: save(Image.new("RGB", (3, 900), (255, 255, 0)), p, "BMP"), (1, 1, 0)),
+        (
+            "pic.webp",
+            lambda p: save(Image.new("RGB", (64, 64), (255, 0, 0)), p, "WEBP", lossless=True),
+            (1, 0, 0),
+        ),
+    ],
+)
+def test_load_image_converts_any_mode(tmp_path, name, make, expected_rgb):
+    t = load_image(make(tmp_path / name))
+    check_tensor(t)
+    assert rgb_of(t) == pytest.approx(expected_rgb, abs=0.03)
+
+
+def test_animated_gif_uses_first_frame(tmp_path):
+    frames = [Image.new("RGB", (30, 30), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    prepared = prepare_image(path)
+    check_tensor(prepared.tensor)
+    assert rgb_of(prepared.tensor) == pytest.approx([1, 0, 0], abs=0.02)
+    assert "first frame of an animation" in prepared.notes
+
+
+def test_centre_crop_and_exif_orientation(tmp_path):
+    # Left, middle, right thirds red, green, blue: the centre square is all green.
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, :100, 0] = arr[:, 100:200, 1] = arr[:, 200:, 2] = 255
+    t = load_image(save(Image.fromarray(arr), tmp_path / "wide.png", "PNG"))
+    assert rgb_of(t) == pytest.approx([0, 1, 0], abs=0.02)
+    # Stored 300x100 with orientation 6 (rotate 90 degrees): shown 100x300, tall; top third red.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, :100, 0] = 255  # left of the stored image = top after the rotation
+    t = load_image(save(Image.fromarray(arr), tmp_path / "rot.jpg", "JPEG", exif=exif.tobytes(), quality=95))
+    # The centre crop of the rotated image is the middle third: no red left.
+    assert rgb_of(t)[0] < 0.1
+
+
+def test_load_image_downscales_with_antialiasing(tmp_path):
+    checker = (np.indices((512, 512)).sum(0) % 2 * 255).astype(np.uint8)  # 1-pixel checkerboard
+    t = load_image(save(Image.fromarray(checker), tmp_path / "checker.png", "PNG"))
+    assert t.std() < 0.05 and abs(t.mean() - 0.5) < 0.05  # averaged to grey, no aliasing
+    assert torch.equal(load_image((EXAMPLES / "cat.jpg").read_bytes()), load_image(EXAMPLES / "cat.jpg"))
+
+
+def _truncated_png(p: Path) -> Path:
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return p
+
+
+def _truncated_jpeg(p: Path) -> Path:
+    noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG")
+    p.write_bytes(buf.getvalue()[:2000])
+    return p
+
+
+BAD_INPUTS = [
+    ("empty.png", lambda p: (p.write_bytes(b""), p)[1], "empty"),
+    ("notes.txt", lambda p: (p.write_text("not an image at all"), p)[1], "not an image"),
+    (
+        "fake.png",
+        lambda p: (p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4), p)[1],
+        "corrupt|not an image",
+    ),
+    (
+        "drawing.svg",
+        lambda p: (p.write_text('<svg xmlns="http://www.w3.org/2000/svg"/>'), p)[1],
+        "not an image",
+    ),
+    ("half.png", _truncated_png, "truncated|corrupt"),
+    ("half.jpg", _truncated_jpeg, "truncated|corrupt"),
+    ("bomb.png", lambda p: png_header_only(p, 100_000, 100_000), "too large"),
+    ("big.png", lambda p: png_header_only(p, 9000, 9000), "too large: 9000x9000"),
+    (
+        "page.eps",
+        lambda p: (p.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"), p)[1],
+        "not an image",
+    ),
+    ("missing.png", lambda p: p, "could not be read"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "message"), BAD_INPUTS)
+def test_load_image_refuses_bad_input_with_a_clear_message(tmp_path, name, make, message):
+    with pytest.raises(ValueError, match=message):
+        load_image(make(tmp_path / name))
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path):
+    side = math.isqrt(MAX_PIXELS) + 1
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="too large"):
+        load_image(png_header_only(tmp_path / "big.png", side, side))
+    assert time.perf_counter() - start < 0.5
+
+
+# ----------------------------------------------------------------------------- settings and inference
+
+
+def test_settings_from_ui_and_bounds():
+    s = SolveSettings.from_ui(2.0, -4, 5, -4, 100)
+    assert (s.beta, s.tol, s.m, s.lam, s.max_iter) == (2.0, pytest.approx(1e-4), 5, pytest.approx(1e-4), 100)
+    assert set(s.solver_kwargs("forward")) == {"tol", "max_iter"}
+    assert set(s.solver_kwargs("anderson")) == {"tol", "max_iter", "m", "lam", "beta"}
+    bad_settings = [
+        (float("nan"), -4, 5, -4, 100),  # not finite
+        (1.0, -4, 5.5, -4, 100),  # m not whole
+        (1.0, -4, 5, -4, 10**6),  # max_iter too large
+        (0.0, -4, 5, -4, 100),  # beta too small
+        ("x", -4, 5, -4, 100),  # not a number
+        (1.0, 3, 5, -4, 100),  # tol = 1000
+        (1.0, -4, 5, 400, 100),  # 10**400 overflows
+    ]
+    for bad in bad_settings:
+        with pytest.raises(ValueError):
+            SolveSettings.from_ui(*bad)
+    with pytest.raises(ValueError, match="whole number"):
+        SolveSettings(m=2.0).validate()
+
+
+def test_classify_gives_probabilities():
+    result = classify(small_model(), load_image(EXAMPLES / "cat.jpg"), SolveSettings(tol=1e-3, max_iter=30))
+    assert len(result.probs) == 10 and sum(result.probs) == pytest.approx(1.0)
+    assert result.n_evals == len(result.trace) <= 30 and result.trace[0] == pytest.approx(1.0)
+    label = top_classes(result.probs)
+    assert len(label) == 5 and list(label.values()) == sorted(label.values(), reverse=True)
+    assert next(iter(label)) == result.prediction
+    assert top_classes(None) is None
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+class SlowCell(torch.nn.Module):
+    def __init__(self, cell: torch.nn.Module, delay: float):
+        super().__init__()
+        self.cell, self.delay = cell, delay
+
+    def forward(self, z, x):
+        time.sleep(self.delay)
+        return self.cell(z, x)
+
+
+def slow_model(delay: float = 0.002) -> DEQClassifier:
+    """A small model whose cell takes at least ``delay`` seconds: the solve outlasts the first frame."""
+    model = small_model()
+    model.deq.f = SlowCell(model.deq.f, delay)
+    return model
+
+
+def figure_json(fig) -> dict:
+    return json.loads(fig.to_json())
+
+
+def test_stream_yields_intermediate_frames_and_a_complete_final_one():
+    settings = SolveSettings(tol=1e-12, max_iter=25)  # unreachable tol: both run all 25 steps
+    frames = list(stream_solve(slow_model(), load_image(EXAMPLES / "dog.jpg"), settings, interval=0.0))
+    assert len(frames) >= 5 and frames[-1].final and not any(f.final for f in frames[:-1])
+    assert all(f.figure is frames[0].figure for f in frames)  # one figure per request, updated in place
+    final = figure_json(frames[-1].figure)
+    assert final["layout"]["yaxis"]["type"] == "log"
+    tol_lines = [s for s in final["layout"]["shapes"] if s["y0"] == s["y1"]]
+    assert tol_lines and tol_lines[0]["y0"] == pytest.approx(1e-12)
+    anderson, forward = final["data"]
+    assert "Anderson" in anderson["name"] and "forward" in forward["name"]
+    for trace in (anderson, forward):  # lists, not base64 arrays, one point per f-evaluation
+        assert isinstance(trace["y"], list) and len(trace["y"]) == 25 and trace["x"] == list(range(25))
+    assert frames[-1].label is not None and len(frames[-1].label) == 5
+    assert "Anderson" in frames[-1].table and "forward iteration" in frames[-1].table
+    assert "Same prediction" in frames[-1].table and frames[-1].status.startswith("Done")
+
+
+def test_stream_draws_progressively():
+    seen = []
+    settings = SolveSettings(tol=1e-12, max_iter=15)
+    for frame in stream_solve(slow_model(), load_image(EXAMPLES / "dog.jpg"), settings, interval=0.0):
+        data = figure_json(frame.figure)["data"]
+        seen.append((len(data[0]["y"]), len(data[1]["y"])))
+    assert seen == sorted(seen) and seen[0][1] == 0 and seen[-1] == (15, 15)
+    assert any(0 < a < 15 for a, _ in seen) and any(0 < f < 15 for _, f in seen)  # partial curves
+
+
+def test_stream_is_throttled_and_always_ends_with_the_final_frame():
+    interval = 0.2
+    settings = SolveSettings(tol=1e-12, max_iter=25)  # 50 f-evaluations of >= 10 ms: >= 0.5 s
+    model, image = slow_model(0.01), load_image(EXAMPLES / "ship.jpg")
+    warm_up(model)  # the first torch calls and the first plotly figure are slow
+    gc.collect()  # no full collection of the test session's garbage inside the timed part
+    stamps, frames, points = [], [], []
+    start = time.perf_counter()
+    for frame in stream_solve(model, image, settings, interval=interval):
+        stamps.append(time.perf_counter())
+        frames.append(frame)
+        points.append(len(frame.figure.data[0].y))
+    total = stamps[-1] - start
+    gaps = np.diff(stamps[:-1])  # the final frame is sent as soon as it is ready
+    assert len(frames) >= 3 and frames[-1].final and not any(f.final for f in frames[:-1])
+    assert (gaps >= interval - 0.005).all() and len(frames) <= total / interval + 2
+    assert points[0] <= 3 and stamps[0] - start < interval  # the first frame does not wait for the throttle
+
+
+def test_closing_the_stream_stops_the_solver_thread():
+    model = slow_model(0.01)
+    stream = stream_solve(model, load_image(EXAMPLES / "ship.jpg"), SolveSettings(tol=1e-12, max_iter=500))
+    next(stream)
+    stream.close()
+    deadline = time.perf_counter() + 2
+    while any(t.name == "deq-solve" for t in threading.enumerate()) and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "deq-solve" for t in threading.enumerate())
+
+
+class NaNAfter(torch.nn.Module):
+    """The cell, until it has been called n times; NaN from then on (a solver blowing up)."""
+
+    def __init__(self, cell: torch.nn.Module, n: int):
+        super().__init__()
+        self.cell, self.n, self.calls = cell, n, 0
+
+    def forward(self, z, x):
+        self.calls += 1
+        out = self.cell(z, x)
+        return out if self.calls <= self.n else out * float("nan")
+
+
+def test_divergence_is_shown_and_warned_never_a_nan_label():
+    model = small_model()
+    model.deq.f = NaNAfter(model.deq.f, 6)
+    frames = list(
+        stream_solve(model, load_image(EXAMPLES / "cat.jpg"), SolveSettings(beta=3.0), interval=0.0)
+    )
+    final = frames[-1]
+    assert final.results["anderson"].diverged and final.results["forward"].diverged
+    assert any("diverged" in w for w in final.warnings) and "diverged" in final.status
+    text = final.figure.to_json()
+    assert "NaN" not in text and "Infinity" not in text
+    assert any("diverged" in a["text"] for a in figure_json(final.figure)["layout"]["annotations"])
+    for frame in frames:  # a label, if any, from a finite best iterate: no NaN
+        assert frame.label is None or all(math.isfinite(v) for v in frame.label.values())
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_non_finite_output_gives_no_label_and_a_warning():
+    model = small_model()
+    model.head.append(Scale(float("nan")))  # head: Sequential; its logits become NaN
+    frames = list(
+        stream_solve(model, load_image(EXAMPLES / "cat.jpg"), SolveSettings(max_iter=10), interval=0.0)
+    )
+    assert all(f.label is None for f in frames)
+    assert any("no finite" in w or "non-finite" in w for w in frames[-1].warnings)
+    assert "–" in frames[-1].table
+
+
+def test_stream_raises_bad_settings_before_solving():
+    with pytest.raises(ValueError, match="beta"):
+        next(stream_solve(small_model(), load_image(EXAMPLES / "cat.jpg"), SolveSettings(beta=-1.0)))
+
+
+# ----------------------------------------------------------------------------- table and figure
+
+
+def result(solver: str, n: int, converged: bool, wall: float, top: int = 3) -> SolverResult:
+    probs = [0.01] * 10
+    probs[top] = 0.91
+    trace = [10.0 ** (-i / 4) for i in range(n)]
+    return SolverResult(solver, trace, n, trace[-1], converged, False, "", wall, probs)
+
+
+def test_results_table_speedup_and_agreement():
+    table = results_table(
+        {"anderson": result("anderson", 12, True, 0.02), "forward": result("forward", 60, True, 0.1)}
+    )
+    assert "| Anderson | 11 | 12 |" in table and "| forward iteration | 59 | 60 |" in table
+    assert (
+        "5.0x fewer f-evaluations" in table and "5.0x less wall time" in table and "both say *cat*" in table
+    )
+    table = results_table(
+        {
+            "anderson": result("anderson", 12, True, 0.02),
+            "forward": result("forward", 100, False, 0.1, top=5),
+        }
+    )
+    assert "at least 8.3x fewer" in table and "did not reach tol" in table and "Anderson says *cat*" in table
+    assert "running" in results_table({"anderson": result("anderson", 12, True, 0.02)})
+
+
+def test_residual_figure_layout():
+    fig = figure_json(residual_figure(SolveSettings(tol=1e-3, beta=2.0)))
+    assert fig["layout"]["yaxis"]["type"] == "log" and len(fig["data"]) == 2
+    assert "beta=2" in fig["data"][0]["name"]
+    assert fig["layout"]["shapes"][0]["y0"] == pytest.approx(1e-3)
+    assert "title" not in fig["layout"] or not fig["layout"]["title"].get("text")  # the component labels it
+
+
+# ----------------------------------------------------------------------------- models, cards, training log
+
+
+def test_model_sources_choose_the_default(tmp_path, tiny_checkpoint):
+    for name in ("b", "seed", "a"):
+        save_checkpoint(small_model(), tmp_path / name)
+    (tmp_path / "not-a-checkpoint").mkdir()
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["a", "b", "seed"]
+    assert model_sources(tmp_path) == ({"a": str(tmp_path / "a"), "b": str(tmp_path / "b"),
+                                        "seed": str(tmp_path / "seed")}, "seed")  # fmt: skip
+    (tmp_path / "seed" / "config.json").unlink()
+    assert model_sources(tmp_path)[1] == "a"
+    sources, default = model_sources(tmp_path, str(tiny_checkpoint))
+    assert default == str(tiny_checkpoint) and list(sources) == [str(tiny_checkpoint), "a", "b"]
+    sources, default = model_sources(tmp_path, str(tmp_path / "a"))  # listed once
+    assert list(sources) == [str(tmp_path / "a"), "b"]
+    with pytest.raises(FileNotFoundError, match="DEQ_MODEL"):
+        model_sources(tmp_path / "nothing-here")
+
+
+def test_load_models_skips_a_broken_extra_but_not_a_broken_default(tmp_path, tiny_checkpoint):
+    broken = tmp_path / "broken"
+    save_checkpoint(small_model(), broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    models = load_models({"ok": str(tiny_checkpoint), "broken": str(broken)}, "ok")
+    assert list(models) == ["ok"] and not models["ok"].training
+    with pytest.raises(ValueError, match="safetensors"):
+        load_models({"ok": str(tiny_checkpoint), "broken": str(broken)}, "broken")
+    with pytest.raises(FileNotFoundError):
+        load_models({"gone": str(tmp_path / "gone")}, "gone")
+
+
+def test_card_markdown(tiny_checkpoint):
+    from deq.checkpoint import load_model
+
+    text = card_markdown(load_model(tiny_checkpoint), "tiny")
+    assert "78.3%" in text and "test CPU" in text and "3 epochs" in text and "`tiny`" in text
+    assert "64,842 parameters" in text and "anderson" in text
+    assert "no model card" in card_markdown(small_model())
+
+
+def test_training_log_and_figures(tiny_checkpoint, tmp_path):
+    records = read_train_log(tiny_checkpoint)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    accuracy, residuals, steps = (figure_json(f) for f in training_figures(records))
+    test_acc = next(t for t in accuracy["data"] if t["name"] == "test accuracy")
+    assert test_acc["x"] == [1, 2, 3] and test_acc["y"][0] == pytest.approx(35.0)
+    assert residuals["layout"]["yaxis"]["type"] == "log"
+    assert {t["name"] for t in residuals["data"]} == {
+        "forward solve (train)",
+        "forward solve (test)",
+    }  # no backward
+    assert len(steps["data"]) == 2
+    save_checkpoint(small_model(), tmp_path / "nolog")
+    assert read_train_log(tmp_path / "nolog") == [] and all(len(f.data) == 0 for f in training_figures([]))
+    (tmp_path / "nolog" / "train_log.jsonl").write_text('{"epoch": 1, "test_error": 0.5}\nnot json\n[1]\n')
+    assert len(read_train_log(tmp_path / "nolog")) == 1
+
+
+# ----------------------------------------------------------------------------- the app's wiring
+
+
+def test_app_wiring(app_module):
+    demo = app_module.demo
+    fns = {fn.api_name: fn for fn in demo.fns.values()}
+    solve = fns["solve"]
+    assert solve.trigger_mode == "always_last" and solve.queue and not solve.preprocess
+    assert solve.concurrency_limit == app_module.CONCURRENCY
+    assert [type(c).__name__ for c in solve.inputs] == ["Image", "Dropdown"] + ["Slider"] * 5
+    assert [type(c).__name__ for c in solve.outputs] == ["Plot", "Label", "Markdown", "Markdown", "Image"]
+    triggers = {(demo.blocks[block_id].__class__.__name__, event) for block_id, event in solve.targets}
+    assert {
+        ("Image", "change"),
+        ("Button", "click"),
+        ("Slider", "release"),
+        ("Dropdown", "input"),
+    } <= triggers
+    assert sum(1 for _, event in solve.targets if event == "release") == 5
+    assert demo._queue.max_size == app_module.QUEUE_SIZE
+    assert "model_info" in fns
+    card, note, *figures = app_module.describe_model(app_module.DEFAULT_MODEL)
+    assert "78.3%" in card and "3 epochs" in note and len(figures) == 3
+
+
+def test_app_solve_generator(app_module):
+    gr = pytest.importorskip("gradio")
+    args = (app_module.DEFAULT_MODEL, 1.0, -3, 5, -4, 20)
+    frames = list(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, *args))
+    plot, label, table, status, preview = frames[-1]
+    assert len(json.loads(plot.to_json())["data"]) == 2 and len(label) == 5
+    assert "Anderson" in table and "Input: JPEG 32x32" in status
+    assert frames[0][4].size == (128, 128)  # the 32x32 input, enlarged
+    assert all(f[4] == gr.skip() for f in frames[1:])  # sent once
+    assert list(app_module.solve(None, *args)) == [
+        (None, None, "", "Upload an image or pick an example.", None)
+    ]
+    data_url = "data:image/jpeg;base64," + base64.b64encode((EXAMPLES / "frog.jpg").read_bytes()).decode()
+    assert list(app_module.solve({"url": data_url, "path": None}, *args))[-1][1] == label
+    with pytest.raises(gr.Error, match="links are not fetched"):
+        next(app_module.solve({"url": "https://example.com/x.png", "path": None}, *args))
+    with pytest.raises(gr.Error, match="Unknown model"):
+        next(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, "nope", *args[1:]))
+    with pytest.raises(gr.Error, match="beta"):
+        next(
+            app_module.solve(
+                {"path": str(EXAMPLES / "frog.jpg")}, app_module.DEFAULT_MODEL, 50.0, -3, 5, -4, 20
+            )
+        )
+
+
+@pytest.mark.parametrize(("name", "make", "message"), BAD_INPUTS)
+def test_app_turns_bad_input_into_a_clear_ui_error(app_module, tmp_path, name, make, message):
+    gr = pytest.importorskip("gradio")
+    with pytest.raises(gr.Error, match=message):
+        next(
+            app_module.solve(
+                {"path": str(make(tmp_path / name))}, app_module.DEFAULT_MODEL, 1.0, -3, 5, -4, 20
+            )
+        )
+
+
+def test_missing_model_is_a_clear_startup_error(app_module, monkeypatch, tmp_path):
+    monkeypatch.setenv("DEQ_MODEL", str(tmp_path / "nope"))
+    with pytest.raises(SystemExit, match="app.py cannot start: no checkpoint directory"):
+        app_module._load()
+    monkeypatch.delenv("DEQ_MODEL")
+    monkeypatch.setenv("DEQ_CHECKPOINTS", str(tmp_path))
+    with pytest.raises(SystemExit, match="No model to serve.*DEQ_MODEL"):
+        app_module._load()
+
+
+def test_app_warns_when_a_solver_diverges(app_module, monkeypatch):
+    model = small_model()
+    model.deq.f = NaNAfter(model.deq.f, 4)
+    monkeypatch.setitem(app_module.MODELS, "diverging", model)
+    with pytest.warns(UserWarning, match="diverged"):  # gr.Warning outside a request warns
+        frames = list(app_module.solve({"path": str(EXAMPLES / "cat.jpg")}, "diverging", 3.0, -4, 5, -4, 50))
+    plot, label, table, status, _ = frames[-1]
+    assert "**diverged**" in table and "⚠️" in status and "NaN" not in plot.to_json()
+    assert label is None or all(math.isfinite(v) for v in label.values())

@@ -1,0 +1,97 @@
+"""The app served on 127.0.0.1 and driven with gradio_client, as a remote user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def curves(plot: dict) -> list[list]:
+    """The y values of the plot's traces, from gr.Plot's output {"type": "plotly", "plot": json}."""
+    assert plot["type"] == "plotly"
+    return [trace["y"] for trace in json.loads(plot["plot"])["data"]]
+
+
+def solve(client: Client, path: Path, log10_tol: float = -3, max_iter: int = 30):
+    return client.submit(handle_file(str(path)), beta=1.0, log10_tol=log10_tol, m=5, log10_lam=-4,
+                         max_iter=max_iter, api_name="/solve")  # fmt: skip
+
+
+def test_streamed_solve_sends_intermediate_plots_and_a_final_label(client):
+    # tol 1e-8 is out of float32's reach: both solvers run all 300 steps (about a second or more).
+    job = solve(client, EXAMPLES / "horse.jpg", log10_tol=-8, max_iter=300)
+    frames = list(job)
+    assert len(frames) >= 4
+    partial = [curves(f[0]) for f in frames[:-1]]
+    assert any(len(a) + len(f) < 600 for a, f in partial)  # intermediate updates of the plot
+    assert [len(a) + len(f) for a, f in partial] == sorted(len(a) + len(f) for a, f in partial)
+    plot, label, table, status, _ = job.result()
+    assert [len(y) for y in curves(plot)] == [300, 300]
+    assert len(label["confidences"]) == 5 and label["label"] == label["confidences"][0]["label"]
+    assert "| Anderson |" in table and "| forward iteration |" in table
+    assert status.startswith("Done")
+
+
+def test_corrupt_upload_gets_an_error_and_the_server_keeps_answering(client, tmp_path):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50)
+    with pytest.raises(AppError, match="not an image|corrupt"):
+        solve(client, bad).result()
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(AppError, match="empty"):
+        solve(client, empty).result()
+    plot, label, *_ = solve(client, EXAMPLES / "truck.jpg").result()
+    assert len(curves(plot)) == 2 and len(label["confidences"]) == 5
+
+
+def test_model_info_endpoint(client):
+    card, note, accuracy, residuals, steps = client.predict(api_name="/model_info")
+    assert "78.3%" in card and "3 epochs" in note
+    assert len(json.loads(accuracy["plot"])["data"]) == 2
+
+
+def test_python_app_py_serves_where_gradio_env_says(tiny_checkpoint, tmp_path):
+    """`python app.py` takes host and port from GRADIO_SERVER_NAME/PORT (as on Spaces)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DEQ_MODEL": str(tiny_checkpoint), "DEQ_CHECKPOINTS": str(tmp_path),
+           "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as response:
+                    assert json.load(response)["title"].startswith("Deep Equilibrium Model")
+                    return
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(
+            f"python app.py did not serve on port {port}: {proc.stdout.read() if proc.poll() else ''}"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
