@@ -143,10 +143,8 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_space_front_matter_matches_the_pinned_gradio():
     readme = ROOT / "README.md"
-    if hub.has_space_front_matter(readme):
-        text = readme.read_text().split("---")[1]
-    else:  # not merged into README.md yet
-        text = (ROOT / "SPACE_FRONT_MATTER.yml").read_text().split("---")[1]
+    assert hub.has_space_front_matter(readme)
+    text = readme.read_text().split("---")[1]
     meta = yaml.safe_load(text)
     pinned = next(line.split("==")[1].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
                   if line.startswith("gradio=="))  # fmt: skip
