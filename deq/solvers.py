@@ -104,7 +104,12 @@ class _Monitor:
     """
 
     def __init__(self, z0: Tensor, tol: float, max_iter: int, callback, check_every):
+        """Validates the common arguments; z0: (B, ...), kept flattened as ``self.z0`` (B, D)."""
+        _check_z0(z0)
+        _validate(tol, max_iter, check_every, callback)
+        self.shape = z0.shape
         batch = z0.shape[0]
+        z0 = self.z0 = z0.reshape(batch, -1)
         self.tol = tol
         self.callback = callback
         if check_every is None:
@@ -155,7 +160,7 @@ class _Monitor:
             )
         return self.converged or self.diverged
 
-    def finish(self, name: str, shape: torch.Size, n_evals: int) -> tuple[Tensor, SolverStats]:
+    def finish(self, name: str, n_evals: int) -> tuple[Tensor, SolverStats]:
         trace = self.trace[: self.count].tolist()  # the one host copy of the loop
         if not self.message:
             self.converged = bool((self.best_res < self.tol).all())
@@ -175,7 +180,7 @@ class _Monitor:
             diverged=self.diverged,
             message=self.message,
         )
-        return self.best_z.reshape(shape), stats
+        return self.best_z.reshape(self.shape), stats
 
 
 def forward_iteration(
@@ -188,19 +193,16 @@ def forward_iteration(
     check_every: int | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Plain fixed-point iteration z_{k+1} = f(z_k). z0: (B, ...); returns z* of the same shape."""
-    _check_z0(z0)
-    _validate(tol, max_iter, check_every, callback)
-    shape, batch = z0.shape, z0.shape[0]
-    mon = _Monitor(z0.reshape(batch, -1), tol, max_iter, callback, check_every)
-    z = z0.reshape(batch, -1)
+    mon = _Monitor(z0, tol, max_iter, callback, check_every)
+    z, shape = mon.z0, mon.shape
     n_evals = 0
     for _ in range(max_iter):
-        fz = f(z.view(shape)).reshape(batch, -1)
+        fz = f(z.view(shape)).reshape(z.shape)
         n_evals += 1
         if mon.observe(z, fz) or n_evals == max_iter:
             break
         z = fz
-    return mon.finish("forward", shape, n_evals)
+    return mon.finish("forward", n_evals)
 
 
 def anderson(
@@ -224,14 +226,10 @@ def anderson(
     not depend on the scale of z and tight float64 solves are not stalled by the regulariser.
     The Gram matrix G G^T is updated one row per iteration, not recomputed.
     """
-    _check_z0(z0)
-    _validate(tol, max_iter, check_every, callback)
     _validate_anderson(m, lam, beta)
-
-    shape, batch = z0.shape, z0.shape[0]
-    z = z0.reshape(batch, -1)
-    dim, kw = z.shape[1], {"dtype": z0.dtype, "device": z0.device}
-    mon = _Monitor(z, tol, max_iter, callback, check_every)
+    mon = _Monitor(z0, tol, max_iter, callback, check_every)
+    z, shape = mon.z0, mon.shape
+    (batch, dim), kw = z.shape, {"dtype": z.dtype, "device": z.device}
     G = torch.zeros(batch, m, dim, **kw)  # residuals g_i = f(z_i) - z_i
     Y = torch.zeros(batch, m, dim, **kw)  # z_i + beta * g_i: the next z is sum_i alpha_i Y_i
     gram = torch.zeros(batch, m, m, **kw)  # G G^T, one row/column updated per iteration
@@ -239,7 +237,7 @@ def anderson(
 
     n_evals = 0
     for k in range(max_iter):
-        fz = f(z.view(shape)).reshape(batch, -1)
+        fz = f(z.view(shape)).reshape(z.shape)
         n_evals += 1
         slot, n = k % m, min(k + 1, m)
         g = torch.sub(fz, z, out=G[:, slot])
@@ -256,7 +254,7 @@ def anderson(
         w = torch.linalg.solve_ex(H, ones[:, :n])[0]  # (B, n, 1); no host sync
         alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
         z = torch.bmm(alpha, Y[:, :n]).squeeze(1)
-    return mon.finish("anderson", shape, n_evals)
+    return mon.finish("anderson", n_evals)
 
 
 def broyden(
@@ -273,14 +271,10 @@ def broyden(
     The inverse Jacobian of g is kept as -I + sum_i u_i v_i^T (rank grows by one per
     iteration, up to max_iter - 1; memory 2 * B * max_iter * D).
     """
-    _check_z0(z0)
-    _validate(tol, max_iter, check_every, callback)
-    shape, batch = z0.shape, z0.shape[0]
-    z = z0.reshape(batch, -1)
-    dim, kw = z.shape[1], {"dtype": z0.dtype, "device": z0.device}
-    mon = _Monitor(z, tol, max_iter, callback, check_every)
+    mon = _Monitor(z0, tol, max_iter, callback, check_every)
+    z, shape = mon.z0, mon.shape
     # Rank-r update vectors, in buffers that double when full (max_iter can be large).
-    U = torch.zeros(batch, min(max_iter, 8), dim, **kw)
+    U = z.new_zeros(z.shape[0], min(max_iter, 8), z.shape[1])
     V = torch.zeros_like(U)
 
     def inv_jac(x: Tensor, r: int) -> Tensor:  # (-I + U^T V) x, as row vectors (fast bmm form)
@@ -289,14 +283,14 @@ def broyden(
     def inv_jac_t(x: Tensor, r: int) -> Tensor:  # (-I + V^T U) x
         return x.unsqueeze(1).bmm(U[:, :r].transpose(1, 2)).bmm(V[:, :r]).squeeze(1) - x
 
-    fz = f(z.view(shape)).reshape(batch, -1)
+    fz = f(z.view(shape)).reshape(z.shape)
     n_evals = 1
     g = fz - z
     if not (mon.observe(z, fz, g) or max_iter == 1):
         step = g  # -(-I) g
         for r in range(max_iter - 1):
             z = z + step
-            fz = f(z.view(shape)).reshape(batch, -1)
+            fz = f(z.view(shape)).reshape(z.shape)
             n_evals += 1
             g_new = fz - z
             if mon.observe(z, fz, g_new) or n_evals == max_iter:
@@ -312,7 +306,7 @@ def broyden(
             U[:, r] = u * safe
             V[:, r] = v * safe
             step = -inv_jac(g, r + 1)
-    return mon.finish("broyden", shape, n_evals)
+    return mon.finish("broyden", n_evals)
 
 
 SOLVERS: dict[str, Callable[..., tuple[Tensor, SolverStats]]] = {
