@@ -28,6 +28,7 @@ __all__ = [
     "save_checkpoint",
     "load_model",
     "read_config",
+    "update_card",
     "resolve_checkpoint",
     "save_state",
     "load_state",
@@ -64,6 +65,15 @@ def save_checkpoint(model: DEQClassifier, directory: str | Path, card: dict | No
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), {"format": "pt"}))
     _write_json(directory / CONFIG_NAME, {"model": model.config.to_dict(), "card": card or {}})
     return directory
+
+
+def update_card(directory: str | Path, **fields) -> dict:
+    """Add or replace fields of a local checkpoint's card (atomic rewrite of config.json)."""
+    directory = Path(directory)
+    data = read_config(directory)
+    data["card"].update(fields)
+    _write_json(directory / CONFIG_NAME, data)
+    return data["card"]
 
 
 def resolve_checkpoint(source: str | Path) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .checkpoint import load_model
+    from .checkpoint import load_model, update_card
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-iter", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--record", action="store_true", help="add the result to the checkpoint's card")
     args = parser.parse_args(argv)
     model = load_model(args.checkpoint, args.device)
     images, labels = (t.to(args.device) for t in load_cifar10(args.data, args.split))
@@ -79,14 +81,17 @@ def main(argv: list[str] | None = None) -> None:
         "max_iter": args.max_iter or own.get("max_iter", 50),
     }
     s = evaluate(model, images, labels, batch_size=args.batch_size, **overrides)
-    print(json.dumps({
-        "checkpoint": str(args.checkpoint), "split": args.split, "images": s["n"],
-        "solver": overrides,
+    report = {
+        "split": args.split, "images": s["n"], "solver": overrides,
         "accuracy": s["correct"] / s["n"], "loss": s["loss"] / s["n"],
         "mean_residual": s["f_res"] / s["n"], "mean_f_evals": s["f_evals"] / s["n"],
         "converged_fraction": s["converged"] / s["n"],
-    }, indent=2))  # fmt: skip
-
+        "command": " ".join(["python -m deq.evaluate", *(sys.argv[1:] if argv is None else argv)]),
+    }  # fmt: skip
+    print(json.dumps(report, indent=2))
+    if args.record:
+        evaluations = [e for e in model.card.get("evaluations", []) if e.get("solver") != overrides]
+        update_card(args.checkpoint, evaluations=[*evaluations, report])
 
 if __name__ == "__main__":
     main()

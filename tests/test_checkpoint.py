@@ -106,8 +106,9 @@ def test_evaluate_cli_solves_to_the_requested_tolerance(saved, tmp_path, capsys)
 
     _, path = saved
     data = make_cifar_folder(tmp_path / "cifar", per_class=1, test_per_class=2)
-    evaluate_main([str(path), "--data", str(data), "--tol", "1e-4", "--max-iter", "200"])
+    evaluate_main([str(path), "--data", str(data), "--tol", "1e-4", "--max-iter", "200", "--record"])
     report = json.loads(capsys.readouterr().out)
+    assert load_model(path).card["evaluations"] == [report]  # recorded in the card
     assert report["images"] == 20 and 0 <= report["accuracy"] <= 1
     assert report["solver"] == {"solver": "anderson", "tol": 1e-4, "max_iter": 200}
     assert report["converged_fraction"] == 1.0 and report["mean_residual"] < 1e-4
