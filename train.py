@@ -169,9 +169,13 @@ def load_data(cfg: TrainConfig, device: torch.device, rank: int, world: int):
 
 
 def git_commit() -> str:
+    """HEAD, with "+dirty" when tracked files differ from it (the card must not overstate)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
+        head = git("rev-parse", "HEAD") or "unknown"
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except OSError:
         return "unknown"
 
@@ -179,7 +183,13 @@ def git_commit() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        model = f"{names[0]}, {len(names)} cores" if names else model
+    except OSError:
+        pass
+    return f"CPU ({model}, {torch.get_num_threads()} torch threads)"
 
 
 # ----------------------------------------------------------------------------- train / eval
