@@ -63,7 +63,7 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"batch {args.batch_size}, torch threads {torch.get_num_threads()}")
 
-    print("\n1. training throughput (median step of", args.repeats, "after warm-up)")
+    print(f"\n1. training throughput (median step of {args.repeats} after warm-up, best of 2 alternating rounds)")
     print(f"{'backward':<10} {'images/s':>9} {'step ms':>8} {'fwd evals':>9} {'bwd evals':>9}")
     models = {}
     for mode in ("implicit", "phantom"):
