@@ -93,7 +93,9 @@ PRESETS: dict[str, dict] = {
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -170,8 +172,11 @@ def load_data(cfg: TrainConfig, device: torch.device, rank: int, world: int):
 
 def git_commit() -> str:
     """HEAD, with "+dirty" when tracked files differ from it (the card must not overstate)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
 
     try:
         head = git("rev-parse", "HEAD") or "unknown"
@@ -185,7 +190,9 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
     try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        ]
         model = f"{names[0]}, {len(names)} cores" if names else model
     except OSError:
         pass
@@ -200,9 +207,26 @@ def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress
     model.train()
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch)
     steps = math.ceil(len(data[1]) / world / cfg.batch_size)
-    sums = {"loss": 0.0, "correct": 0, "n": 0, "f_res": 0.0, "f_evals": 0, "b_res": 0.0, "b_evals": 0, "jac": 0.0}
+    sums = {
+        "loss": 0.0,
+        "correct": 0,
+        "n": 0,
+        "f_res": 0.0,
+        "f_evals": 0,
+        "b_res": 0.0,
+        "b_evals": 0,
+        "jac": 0.0,
+    }
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-    for x, y in batches(*data, cfg.batch_size, shuffle=True, generator=gen, augment_data=cfg.augment, rank=rank, world_size=world):
+    for x, y in batches(
+        *data,
+        cfg.batch_size,
+        shuffle=True,
+        generator=gen,
+        augment_data=cfg.augment,
+        rank=rank,
+        world_size=world,
+    ):
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
@@ -243,7 +267,7 @@ def reduce_sums(sums: dict, device: torch.device, world: int) -> dict:
     if world > 1:
         t = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=device)
         dist.all_reduce(t)
-        sums = dict(zip(sums, t.tolist()))
+        sums = dict(zip(sums, t.tolist(), strict=True))
     return sums
 
 
@@ -264,7 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             model.load_state_dict(init.state_dict())
         except RuntimeError as err:
-            raise ValueError(f"--init-from {cfg.init_from} does not fit this run's architecture: {err}") from None
+            raise ValueError(
+                f"--init-from {cfg.init_from} does not fit this run's architecture: {err}"
+            ) from None
         init_card = {"checkpoint": cfg.init_from, "card": init.card}
     model = model.to(device)
     if cfg.channels_last:
@@ -274,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_data[1]) / world / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.min_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.min_lr
+    )
 
     start_epoch, elapsed, log = 0, 0.0, []
     if cfg.resume and (out / "train_state.json").is_file():
@@ -295,7 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device_name(device) + (f" x{world}" if world > 1 else ""),
         "torch": torch.__version__,
         "git_commit": git_commit(),
-        "command": " ".join(shlex.quote(a) for a in ["python", "train.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(
+            shlex.quote(a) for a in ["python", "train.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "preset": preset,
         "train_config": dataclasses.asdict(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -305,7 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        tr = reduce_sums(run_epoch(net, opt, sched, train_data, cfg, epoch, device, rank, world, cfg.progress and rank == 0), device, world)
+        tr = reduce_sums(
+            run_epoch(
+                net, opt, sched, train_data, cfg, epoch, device, rank, world, cfg.progress and rank == 0
+            ),
+            device,
+            world,
+        )
         train_time = time.perf_counter() - t0
         te = evaluate(model, *test_data, batch_size=max(cfg.batch_size, 100), amp=cfg.amp, flip=cfg.test_flip)
         elapsed += time.perf_counter() - t0

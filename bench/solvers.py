@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from deq import ModelConfig, ResNetCell, SOLVERS
+from deq import SOLVERS, ModelConfig, ResNetCell
 
 
 def textbook_anderson(f, x0, m=5, lam=1e-4, max_iter=50, tol=1e-2, beta=1.0):
@@ -36,11 +36,13 @@ def textbook_anderson(f, x0, m=5, lam=1e-4, max_iter=50, tol=1e-2, beta=1.0):
     for k in range(2, max_iter):
         n = min(k, m)
         G = F[:, :n] - X[:, :n]
-        Hm[:, 1 : n + 1, 1 : n + 1] = torch.bmm(G, G.transpose(1, 2)) + lam * torch.eye(
-            n, dtype=x0.dtype, device=x0.device
-        )[None]
+        Hm[:, 1 : n + 1, 1 : n + 1] = (
+            torch.bmm(G, G.transpose(1, 2)) + lam * torch.eye(n, dtype=x0.dtype, device=x0.device)[None]
+        )
         alpha = torch.linalg.solve(Hm[:, : n + 1, : n + 1], y[:, : n + 1])[:, 1 : n + 1, 0]
-        X[:, k % m] = beta * (alpha[:, None] @ F[:, :n])[:, 0] + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
+        X[:, k % m] = (
+            beta * (alpha[:, None] @ F[:, :n])[:, 0] + (1 - beta) * (alpha[:, None] @ X[:, :n])[:, 0]
+        )
         F[:, k % m] = f(X[:, k % m].view_as(x0)).view(bsz, -1)
         n_evals += 1
         res = (F[:, k % m] - X[:, k % m]).norm().item() / (1e-5 + F[:, k % m].norm().item())
@@ -66,8 +68,10 @@ def bench_case(label: str, batch: int, channels: int, inner: int, args) -> None:
     z0 = torch.zeros_like(x)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     opts = {"tol": args.tol, "max_iter": args.max_iter}
-    print(f"\n{label}: batch {batch} x {channels} x 32 x 32, cell {channels}/{inner}, "
-          f"tol {args.tol:g}, device {device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"\n{label}: batch {batch} x {channels} x 32 x 32, cell {channels}/{inner}, "
+        f"tol {args.tol:g}, device {device}, torch threads {torch.get_num_threads()}"
+    )
     with torch.inference_mode():
         runs = {name: (lambda s=solver: s(f, z0, **opts)) for name, solver in SOLVERS.items()}
         runs["anderson (textbook)"] = lambda: textbook_anderson(f, z0, **opts)
@@ -90,21 +94,29 @@ def bench_case(label: str, batch: int, channels: int, inner: int, args) -> None:
                 times[name].append(time.perf_counter() - t0)
     wall = {name: statistics.median(ts) for name, ts in times.items()}
     fwd_evals, fwd_time = evals["forward"][0], wall["forward"]
-    print(f"{'solver':<20} {'f-evals':>7} {'conv':>5} {'residual':>9} {'wall ms':>8} "
-          f"{'f-only ms':>9} {'overhead':>8} {'evals vs fwd':>12} {'speed vs fwd':>12}")
+    print(
+        f"{'solver':<20} {'f-evals':>7} {'conv':>5} {'residual':>9} {'wall ms':>8} "
+        f"{'f-only ms':>9} {'overhead':>8} {'evals vs fwd':>12} {'speed vs fwd':>12}"
+    )
     for name in runs:
         n, stats = evals[name]
         conv = str(stats.converged) if stats else "-"
         res = stats.residual if stats else float("nan")
         t, t_f = wall[name], wall[f"f-only {name}"]
-        print(f"{name:<20} {n:>7} {conv:>5} {res:>9.2e} {t * 1e3:>8.1f} {t_f * 1e3:>9.1f} "
-              f"{t / t_f - 1:>+8.1%} {fwd_evals / n:>11.2f}x {fwd_time / t:>11.2f}x")
-    print(f"anderson vs textbook anderson: "
-          f"{wall['anderson (textbook)'] / wall['anderson']:.2f}x faster wall time")
+        print(
+            f"{name:<20} {n:>7} {conv:>5} {res:>9.2e} {t * 1e3:>8.1f} {t_f * 1e3:>9.1f} "
+            f"{t / t_f - 1:>+8.1%} {fwd_evals / n:>11.2f}x {fwd_time / t:>11.2f}x"
+        )
+    print(
+        f"anderson vs textbook anderson: "
+        f"{wall['anderson (textbook)'] / wall['anderson']:.2f}x faster wall time"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--max-iter", type=int, default=200)

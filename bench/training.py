@@ -50,7 +50,9 @@ def saved_bytes(fn) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -60,10 +62,15 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+    )
 
-    print(f"\n1. training throughput (median step of {args.repeats} after warm-up, best of 2 alternating rounds)")
+    print(
+        f"\n1. training throughput (median step of {args.repeats} after warm-up, "
+        "best of 2 alternating rounds)"
+    )
     print(f"{'backward':<10} {'images/s':>9} {'step ms':>8} {'fwd evals':>9} {'bwd evals':>9}")
     models = {}
     for mode in ("implicit", "phantom"):
@@ -84,14 +91,26 @@ def main() -> None:
     print(f"phantom / implicit throughput: {min(rows['implicit']) / min(rows['phantom']):.2f}x")
 
     print("\n2. activation memory vs solver iterations (forward iteration, tol unreachable)")
-    print(f"{'iterations':>10} {'DEQ saved MB':>13} {'unrolled saved MB':>18} {'DEQ peak MB':>12} {'unrolled peak MB':>17}")
+    print(
+        f"{'iterations':>10} {'DEQ saved MB':>13} {'unrolled saved MB':>18} "
+        f"{'DEQ peak MB':>12} {'unrolled peak MB':>17}"
+    )
     torch.manual_seed(0)
     model = DEQClassifier().to(device)
     inj = model.inject(x).detach().requires_grad_()
     for n in (5, 10, 20, 40):
-        deq = DEQFixedPoint(model.deq.f, solver="forward", tol=1e-30, max_iter=n, backward_kwargs={"tol": 1e-30, "max_iter": n})
+        deq = DEQFixedPoint(
+            model.deq.f,
+            solver="forward",
+            tol=1e-30,
+            max_iter=n,
+            backward_kwargs={"tol": 1e-30, "max_iter": n},
+        )
         peaks = []
-        for fn in (lambda: deq(inj)[0].sum().backward(), lambda: unroll(model.deq.f, inj, n).sum().backward()):
+        for fn in (  # run at once, inside this iteration: late binding is harmless
+            lambda: deq(inj)[0].sum().backward(),  # noqa: B023
+            lambda: unroll(model.deq.f, inj, n).sum().backward(),  # noqa: B023
+        ):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
@@ -99,8 +118,8 @@ def main() -> None:
                 peaks.append(f"{(torch.cuda.max_memory_allocated(device) - base) / 2**20:>12.1f}")
             else:
                 peaks.append(f"{'n/a (CPU)':>12}")
-        deq_mb = saved_bytes(lambda: deq(inj)) / 2**20
-        unrolled_mb = saved_bytes(lambda: unroll(model.deq.f, inj, n)) / 2**20
+        deq_mb = saved_bytes(lambda: deq(inj)) / 2**20  # noqa: B023
+        unrolled_mb = saved_bytes(lambda: unroll(model.deq.f, inj, n)) / 2**20  # noqa: B023
         print(f"{n:>10} {deq_mb:>13.1f} {unrolled_mb:>18.1f} {peaks[0]} {peaks[1]:>17}")
 
 

@@ -83,15 +83,21 @@ def resolve_checkpoint(source: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"checkpoint must be a directory holding {WEIGHTS_NAME} and {CONFIG_NAME}, got file {path}")
+        raise ValueError(
+            f"checkpoint must be a directory holding {WEIGHTS_NAME} and {CONFIG_NAME}, got file {path}"
+        )
     if not _REPO_ID.match(str(source)):
         raise FileNotFoundError(f"no checkpoint directory at {path} (and it is not a Hub repo id owner/name)")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(source), allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, LOG_NAME, "README.md"]))
+        return Path(
+            snapshot_download(str(source), allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, LOG_NAME, "README.md"])
+        )
     except Exception as err:  # network, auth, offline mode, missing repo: one clear message
-        raise FileNotFoundError(f"could not get checkpoint {source!r} from the Hugging Face Hub: {err}") from err
+        raise FileNotFoundError(
+            f"could not get checkpoint {source!r} from the Hugging Face Hub: {err}"
+        ) from err
 
 
 def read_config(source: str | Path) -> dict:

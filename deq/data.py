@@ -34,7 +34,9 @@ def describe_source(root: str | Path) -> str:
     """Human-readable data set name for model cards."""
     root = Path(root)
     if (root / "train").is_dir():
-        jpeg = any(p.suffix.lower() in {".jpg", ".jpeg"} for p in (root / "train" / CIFAR10_CLASSES[0]).iterdir())
+        jpeg = any(
+            p.suffix.lower() in {".jpg", ".jpeg"} for p in (root / "train" / CIFAR10_CLASSES[0]).iterdir()
+        )
         return "CIFAR-10 (JPEG q75 copy)" if jpeg else "CIFAR-10 (class-folder copy)"
     return "CIFAR-10"
 
@@ -128,7 +130,12 @@ def augment(x: Tensor, generator: torch.Generator | None = None, pad: int = 4) -
     dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    out = padded[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+    out = padded[
+        torch.arange(b, device=x.device)[:, None, None, None],
+        torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
     flip = torch.rand(b, device=x.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
@@ -150,7 +157,11 @@ def batches(
     With ``world_size > 1`` each rank gets its own interleaved shard of the (shuffled) order.
     """
     n = images.shape[0]
-    order = torch.randperm(n, device=images.device, generator=generator) if shuffle else torch.arange(n, device=images.device)
+    order = (
+        torch.randperm(n, device=images.device, generator=generator)
+        if shuffle
+        else torch.arange(n, device=images.device)
+    )
     order = order[rank::world_size]
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     for start in range(0, stop, batch_size):

@@ -61,7 +61,9 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     from .checkpoint import load_model, update_card
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint")
     parser.add_argument("--data", default="data")
     parser.add_argument("--split", default="test", choices=["train", "test"])
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.record:
         evaluations = [e for e in model.card.get("evaluations", []) if e.get("solver") != overrides]
         update_card(args.checkpoint, evaluations=[*evaluations, report])
+
 
 if __name__ == "__main__":
     main()

@@ -144,10 +144,7 @@ class DEQFixedPoint(nn.Module):
         return z, info
 
     def extra_repr(self) -> str:
-        return (
-            f"solver={self.solver!r}, solver_kwargs={self.solver_kwargs}, "
-            f"backward={self.backward_mode!r}"
-        )
+        return f"solver={self.solver!r}, solver_kwargs={self.solver_kwargs}, backward={self.backward_mode!r}"
 
 
 def _jacobian_penalty(fz: Tensor, z: Tensor) -> Tensor:

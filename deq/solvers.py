@@ -8,7 +8,8 @@ Every solver has the same signature::
   on sample b of the input (true of DEQ cells with per-sample norms).
 - The residual of sample b is the relative residual ||f(z)_b - z_b|| / ||f(z)_b||.
 - A solve stops when every sample's best residual is below ``tol``, after ``max_iter``
-  f-evaluations (z0 counts as the first iterate), on a non-finite value, or when the residual blows up (see ``DIVERGENCE_FACTOR``).
+  f-evaluations (z0 counts as the first iterate), on a non-finite value, or when the residual
+  blows up (see ``DIVERGENCE_FACTOR``).
 - The returned ``z_star`` is, per sample, the best iterate seen (lowest residual), not
   merely the last one.
 - ``callback(iteration, residual)`` is called once per iteration with the batch residual
@@ -152,11 +153,10 @@ class _Monitor:
         elif not all(math.isfinite(r) for r in current):
             self.diverged = True
             self.message = f"diverged: non-finite residual at iteration {self.count - 1}"
-        elif any(r > DIVERGENCE_FACTOR * b and b >= self.tol for r, b in zip(current, best)):
+        elif any(r > DIVERGENCE_FACTOR * b and b >= self.tol for r, b in zip(current, best, strict=True)):
             self.diverged = True
             self.message = (
-                f"diverged: residual grew over {DIVERGENCE_FACTOR:g}x its best "
-                f"at iteration {self.count - 1}"
+                f"diverged: residual grew over {DIVERGENCE_FACTOR:g}x its best at iteration {self.count - 1}"
             )
         return self.converged or self.diverged
 
@@ -332,8 +332,7 @@ def check_solver_kwargs(name: str, kwargs: dict, argument: str = "solver_kwargs"
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(
-            f"{argument}: unknown option(s) {unknown} for solver {name!r}; "
-            f"accepted: {sorted(accepted)}"
+            f"{argument}: unknown option(s) {unknown} for solver {name!r}; accepted: {sorted(accepted)}"
         )
     opts = {**accepted, **kwargs}
     _validate(opts["tol"], opts["max_iter"], opts["check_every"], opts["callback"])

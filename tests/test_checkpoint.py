@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from deq import DEQClassifier, ModelConfig
-from deq.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, load_state, read_config, save_checkpoint, save_state
+from deq.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_model,
+    load_state,
+    read_config,
+    save_checkpoint,
+    save_state,
+)
 
 
 @pytest.fixture
@@ -82,7 +90,7 @@ def test_training_state_round_trip(tmp_path):
     assert back["epoch"] == 3 and back["elapsed"] == 1.5 and torch.equal(back["rng"], state["rng"])
     opt2 = torch.optim.Adam(DEQClassifier().parameters(), lr=1e-3)
     opt2.load_state_dict(back["optimizer"])
-    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(), strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
     assert not list(tmp_path.glob("*.pt"))  # nothing pickled
 

@@ -11,7 +11,9 @@ from deq.data import augment, batches, describe_source, load_cifar10
 from deq.model import CIFAR10_CLASSES
 
 
-def make_cifar_folder(root, per_class: int = 4, test_per_class: int = 2, size: int = 32, suffix: str = ".png"):
+def make_cifar_folder(
+    root, per_class: int = 4, test_per_class: int = 2, size: int = 32, suffix: str = ".png"
+):
     """A tiny class-folder CIFAR-10: each class a distinct mean colour plus noise."""
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class), ("test", test_per_class)):
@@ -57,7 +59,20 @@ def test_batches_cover_data_once_and_shard_across_ranks():
     seen = torch.cat([y for _, y in batches(images, labels, 4, shuffle=True, generator=g)])
     assert sorted(seen.tolist()) == list(range(10))
     shards = [
-        torch.cat([y for _, y in batches(images, labels, 3, shuffle=True, generator=torch.Generator().manual_seed(1), rank=r, world_size=2)])
+        torch.cat(
+            [
+                y
+                for _, y in batches(
+                    images,
+                    labels,
+                    3,
+                    shuffle=True,
+                    generator=torch.Generator().manual_seed(1),
+                    rank=r,
+                    world_size=2,
+                )
+            ]
+        )
         for r in (0, 1)
     ]
     assert sorted(torch.cat(shards).tolist()) == list(range(10)) and len(shards[0]) == 5

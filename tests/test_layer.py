@@ -35,7 +35,7 @@ def test_gradcheck_input_and_parameters(solver, channels, groups, fast_mode):
     x = torch.randn(1, channels, 2, 2, dtype=torch.float64, requires_grad=True)
 
     def fn(x, *weights):
-        return functional_call(layer, dict(zip(names, weights)), (x,))[0]
+        return functional_call(layer, dict(zip(names, weights, strict=True)), (x,))[0]
 
     inputs = (x, *(params[n].detach().clone().requires_grad_() for n in names))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast_mode)

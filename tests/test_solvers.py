@@ -79,7 +79,9 @@ def test_batch_of_two_equals_two_batches_of_one(name):
         fi = lambda z, i=i: f2(torch.cat([z if j == i else torch.zeros_like(z) for j in range(2)]))[i : i + 1]
         zi, si = solver(fi, torch.zeros(1, 20, dtype=torch.float64), tol=1e-30, max_iter=12)
         torch.testing.assert_close(z2[i : i + 1], zi, atol=1e-12, rtol=1e-10)
-        torch.testing.assert_close(s2.sample_residuals[i : i + 1], si.sample_residuals, atol=1e-14, rtol=1e-10)
+        torch.testing.assert_close(
+            s2.sample_residuals[i : i + 1], si.sample_residuals, atol=1e-14, rtol=1e-10
+        )
     assert s2.n_evals == 12 and not s2.converged
 
 
@@ -87,7 +89,9 @@ def test_batch_of_two_equals_two_batches_of_one(name):
 def test_callback_sees_every_iteration(name):
     f, z_star = linear_problem()
     seen = []
-    _, stats = get_solver(name)(f, torch.zeros_like(z_star), tol=1e-6, max_iter=100, callback=lambda k, r: seen.append((k, r)))
+    _, stats = get_solver(name)(
+        f, torch.zeros_like(z_star), tol=1e-6, max_iter=100, callback=lambda k, r: seen.append((k, r))
+    )
     assert [k for k, _ in seen] == list(range(stats.n_evals))
     assert [r for _, r in seen] == pytest.approx(stats.trace)
 

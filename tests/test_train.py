@@ -41,10 +41,16 @@ def test_end_to_end_checkpoint_loads_and_matches_its_card(data_dir, tmp_path):
     images, labels = load_cifar10(data_dir, "test")
     with torch.inference_mode():
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches(images, labels, 100))
-    assert correct / len(labels) == pytest.approx(card["test_accuracy"]) == pytest.approx(1 - record["test_error"])
+    assert (
+        correct / len(labels)
+        == pytest.approx(card["test_accuracy"])
+        == pytest.approx(1 - record["test_error"])
+    )
     log = [json.loads(line) for line in (tmp_path / "run" / LOG_NAME).read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
-    assert all(r["backward_iters"] > 0 and r["forward_iters"] > 0 and r["train_images_per_s"] > 0 for r in log)
+    assert all(
+        r["backward_iters"] > 0 and r["forward_iters"] > 0 and r["train_images_per_s"] > 0 for r in log
+    )
 
 
 def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(data_dir, tmp_path, monkeypatch):
@@ -66,7 +72,9 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(data_dir
     run(data_dir, tmp_path / "cut", "--backward", "phantom", "--resume")
     full, cut = (load_file(str(tmp_path / d / WEIGHTS_NAME)) for d in ("full", "cut"))
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
-    logs = [[json.loads(x) for x in (tmp_path / d / LOG_NAME).read_text().splitlines()] for d in ("full", "cut")]
+    logs = [
+        [json.loads(x) for x in (tmp_path / d / LOG_NAME).read_text().splitlines()] for d in ("full", "cut")
+    ]
     assert [r["test_error"] for r in logs[0]] == [r["test_error"] for r in logs[1]]
 
 
@@ -122,7 +130,8 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 def test_ddp_two_processes_gloo(data_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "train.py", "--data", str(data_dir), "--out", str(tmp_path / "ddp"), *TINY, "--epochs", "1"]  # fmt: skip
+           "train.py", "--data", str(data_dir), "--out", str(tmp_path / "ddp"),
+           *TINY, "--epochs", "1"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"epoch": 1') == 1  # rank 0 alone logs
