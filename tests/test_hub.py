@@ -96,18 +96,13 @@ def test_space_files_need_the_app(tmp_path):
     ]  # fmt: skip
 
 
+def push_argv(checkpoint) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--model-repo", "someone/m", "--space", "someone/s"]
+
+
 def test_cli_dry_run_touches_nothing(tiny_checkpoint, capsys, monkeypatch):
     monkeypatch.setattr(hub, "HfApi", mock.Mock(side_effect=AssertionError("no Hub access in a dry run")))
-    argv = [
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--model-repo",
-        "someone/m",
-        "--space",
-        "someone/s",
-        "--dry-run",
-    ]
-    assert hub.main(argv) == 0
+    assert hub.main([*push_argv(tiny_checkpoint), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert (
         "model repo someone/m: would upload model.safetensors, config.json, train_log.jsonl, README.md" in out
@@ -118,17 +113,7 @@ def test_cli_dry_run_touches_nothing(tiny_checkpoint, capsys, monkeypatch):
 def test_cli_pushes_with_the_api(tiny_checkpoint, monkeypatch, capsys):
     apis = []
     monkeypatch.setattr(hub, "HfApi", lambda token=None: apis.append(FakeApi(token)) or apis[-1])
-    argv = [
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--model-repo",
-        "someone/m",
-        "--space",
-        "someone/s",
-        "--token",
-        "t",
-    ]
-    assert hub.main(argv) == 0
+    assert hub.main([*push_argv(tiny_checkpoint), "--token", "t"]) == 0
     assert [a.token for a in apis] == ["t", "t"]
     assert [c[0] for a in apis for c in a.calls] == ["create_repo", "upload_folder"] * 2
     assert "uploaded" in capsys.readouterr().out
