@@ -231,9 +231,8 @@ def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
             logits, info = model(x, return_info=True, jacobian_penalty=cfg.jac_reg > 0)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if info.jacobian_penalty is not None:
-                loss = loss + cfg.jac_reg * info.jacobian_penalty
+            ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = ce if info.jacobian_penalty is None else ce + cfg.jac_reg * info.jacobian_penalty
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -245,7 +244,7 @@ def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress
                 "stopping (the last checkpoint is from the last finished epoch)"
             )
         b = len(y)
-        sums["loss"] += loss_value * b
+        sums["loss"] += ce.item() * b  # the logged train loss is the cross-entropy alone
         sums["correct"] += int((logits.argmax(1) == y).sum())
         sums["n"] += b
         sums["f_res"] += info.forward.residual * b

@@ -109,7 +109,7 @@ class DEQFixedPoint(nn.Module):
         info = DEQInfo(forward=fstats)
         if not torch.is_grad_enabled():
             return z_star, info
-        if jacobian_penalty:
+        if jacobian_penalty:  # its own graph: the loss's backward frees it, the hook's f0 must outlive that
             z_leaf = z_star.detach().requires_grad_()
             info.jacobian_penalty = _jacobian_penalty(self.f(z_leaf, x), z_leaf)
         if self.backward_mode == "phantom":

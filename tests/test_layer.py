@@ -172,3 +172,23 @@ def test_autocast_bf16_keeps_solver_state_in_float32():
     z.float().sum().backward()
     assert z_star.dtype == torch.float32 and stats.converged and info.forward.converged
     assert info.backward is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_jacobian_penalty_estimates_frobenius_norm_and_trains(backward):
+    cell = small_cell(channels=2, groups=1, std=0.3)
+    layer = DEQFixedPoint(cell, backward=backward, **{k: v for k, v in tight().items() if k != "solver"})
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    z_star, _ = layer.solve(x)
+    exact = (
+        torch.autograd.functional.jacobian(lambda z: cell(z, x.detach()), z_star).pow(2).sum()
+        / z_star.numel()
+    )
+    estimates = torch.stack(
+        [layer(x, jacobian_penalty=True)[1].jacobian_penalty.detach() for _ in range(400)]
+    )
+    assert estimates.mean().item() == pytest.approx(exact.item(), rel=0.15)
+    z, info = layer(x, jacobian_penalty=True)
+    (z.sum() + info.jacobian_penalty).backward()  # both graphs backpropagate, the hook included
+    assert cell.conv1.weight.grad is not None and torch.isfinite(x.grad).all()
+    assert (info.backward is not None) == (backward == "implicit")
