@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from deq import DEQClassifier, ModelConfig
 from deq.checkpoint import LOG_NAME, load_model, load_state, save_checkpoint, save_state
-from deq.data import batches, describe_source, load_cifar10
-from deq.evaluate import evaluate
+from deq.data import batches, describe_source, load_cifar10, split_validation
+from deq.evaluate import device_label, evaluate
 
 
 @dataclass
@@ -42,10 +42,13 @@ class TrainConfig:
     data: str = "data"
     out: str = "runs/seed"
     download: bool = False
-    epochs: int = 50
+    epochs: int = 50  # with time_budget_s: an upper bound only
+    time_budget_s: float = 0.0  # > 0: train for this wall time, the schedule planned over it
+    val_images: int = 0  # hold these out of the training set; evaluate on them, never on test
     batch_size: int = 100
     lr: float = 1e-3
     min_lr: float = 1e-6
+    warmup: float = 0.0  # fraction of the schedule with a linear warm-up of the learning rate
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     augment: bool = False
@@ -76,14 +79,16 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     "seed": {},  # the TrainConfig defaults are SPEC's reference recipe
-    "fast": {
-        "epochs": 15, "batch_size": 256, "lr": 3e-3, "augment": True, "label_smoothing": 0.1,
-        "backward": "phantom", "f_max_iter": 12, "amp": True, "channels_last": True,
+    "fast": {  # the seed architecture on one GPU in 5 minutes: a wall-clock budget, not epochs
+        "epochs": 500, "time_budget_s": 270, "val_images": 5000, "batch_size": 128, "lr": 2e-3,
+        "warmup": 0.02, "augment": True, "label_smoothing": 0.1, "f_max_iter": 20, "b_max_iter": 12,
+        "jac_reg": 0.5, "amp": True, "channels_last": True,
     },
-    "large": {  # issue: >= 92% in 10 minutes on one H100/H200 (to be tuned on one)
-        "arch": "large", "n_channels": 128, "n_inner_channels": 256, "epochs": 30, "batch_size": 256,
-        "lr": 2e-3, "weight_decay": 5e-5, "augment": True, "label_smoothing": 0.1, "test_flip": True,
-        "backward": "phantom", "f_max_iter": 10, "amp": True, "channels_last": True,
+    "large": {  # one wider DEQ cell at 16x16 on one GPU in 7 minutes
+        "arch": "large", "n_channels": 128, "n_inner_channels": 256, "epochs": 500, "time_budget_s": 400,
+        "val_images": 5000, "batch_size": 128, "lr": 2e-3, "warmup": 0.02, "weight_decay": 5e-5,
+        "augment": True, "label_smoothing": 0.1, "test_flip": True, "f_max_iter": 15, "b_max_iter": 10,
+        "jac_reg": 0.5, "amp": True, "channels_last": True,
     },
     "cpu": {  # what an hour of a 2-core CPU allows; the Jacobian regulariser keeps the equilibrium
         "epochs": 2, "batch_size": 50, "lr": 2e-3, "augment": False,  # convergent (without it, the
@@ -115,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not (cfg.time_budget_s >= 0 and math.isfinite(cfg.time_budget_s)):
+        parser.error("--time-budget-s must be a finite number >= 0")
+    if cfg.val_images < 0:
+        parser.error("--val-images must be >= 0")
+    if not 0 <= cfg.warmup < 1:
+        parser.error("--warmup must be in [0, 1)")
     return cfg, args.preset
 
 
@@ -160,7 +171,12 @@ def load_data(cfg: TrainConfig, device: torch.device, rank: int, world: int):
         dist.barrier()
     if rank != 0:
         train = load_cifar10(cfg.data, "train")
-    test = load_cifar10(cfg.data, "test", download=cfg.download and rank == 0)
+    if cfg.val_images:  # held out before --limit-train, so the validation set never changes
+        if cfg.val_images >= len(train[1]):
+            raise ValueError(f"--val-images {cfg.val_images} leaves no training images (of {len(train[1])})")
+        train, test = split_validation(*train, cfg.val_images)
+    else:
+        test = load_cifar10(cfg.data, "test", download=cfg.download and rank == 0)
     if cfg.limit_train:  # a class-balanced prefix of a fixed shuffle, so tiny runs see all classes
         keep = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(0))[: cfg.limit_train]
         train = (train[0][keep], train[1][keep])
@@ -185,25 +201,45 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        names = [
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        ]
-        model = f"{names[0]}, {len(names)} cores" if names else model
-    except OSError:
-        pass
-    return f"CPU ({model}, {torch.get_num_threads()} torch threads)"
-
-
 # ----------------------------------------------------------------------------- train / eval
 
 
-def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress) -> dict:
-    """One pass over the training data; returns means over this rank's samples."""
+class Schedule:
+    """The learning rate along training: linear warm-up over the first ``warmup`` of it, then
+    cosine down to ``min_lr``. Progress is the fraction of the optimizer steps done, or, with
+    a time budget, of the time spent: a run stopped by its budget has finished its schedule."""
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
+        self.cfg = cfg
+        self.step = 0  # optimizer steps taken
+        self.total_steps = cfg.epochs * steps_per_epoch
+        self.deadline = cfg.time_budget_s  # the budget less a reserve for the last evaluation
+
+    def progress(self, step: int, elapsed: float) -> float:
+        if self.cfg.time_budget_s > 0:
+            return min(1.0, max(elapsed / self.deadline, step / self.total_steps))
+        return min(1.0, step / self.total_steps)
+
+    def lr(self, progress: float) -> float:
+        cfg = self.cfg
+        if progress < cfg.warmup:
+            return max(cfg.min_lr, cfg.lr * progress / cfg.warmup)
+        t = (progress - cfg.warmup) / (1 - cfg.warmup)
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def shared_clock(seconds: float, device: torch.device, world: int) -> float:
+    """The largest of the ranks' clocks, so every rank takes the same lr and stops together."""
+    if world == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def run_epoch(model, opt, schedule, clock, data, cfg, epoch, device, rank, world, progress) -> dict:
+    """One pass over the training data, or up to the end of the schedule (``sums["done"]``);
+    ``clock()`` is the run's elapsed seconds. Returns sums over this rank's samples."""
     model.train()
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch)
     steps = math.ceil(len(data[1]) / world / cfg.batch_size)
@@ -217,6 +253,7 @@ def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress
         "b_evals": 0,
         "jac": 0.0,
     }
+    done = False
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
     for x, y in batches(
         *data,
@@ -227,6 +264,12 @@ def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress
         rank=rank,
         world_size=world,
     ):
+        step_progress = schedule.progress(schedule.step, shared_clock(clock(), device, world))
+        if step_progress >= 1.0:
+            done = True
+            break
+        for group in opt.param_groups:
+            group["lr"] = schedule.lr(step_progress)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
@@ -236,7 +279,7 @@ def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        schedule.step += 1
         loss_value = loss.item()  # one sync per step: also the non-finite check
         if not math.isfinite(loss_value):
             raise FloatingPointError(
@@ -259,14 +302,16 @@ def run_epoch(model, opt, sched, data, cfg, epoch, device, rank, world, progress
                         f_res=f"{info.forward.residual:.1e}", f_it=info.forward.n_evals,
                         b_it=info.backward.n_evals if info.backward else "-")  # fmt: skip
     bar.close()
+    sums["done"] = done or schedule.progress(schedule.step, shared_clock(clock(), device, world)) >= 1.0
     return sums
 
 
 def reduce_sums(sums: dict, device: torch.device, world: int) -> dict:
     if world > 1:
+        done = sums.pop("done")
         t = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=device)
         dist.all_reduce(t)
-        sums = dict(zip(sums, t.tolist(), strict=True))
+        sums = {**dict(zip(sums, t.tolist(), strict=True)), "done": done}
     return sums
 
 
@@ -298,28 +343,25 @@ def main(argv: list[str] | None = None) -> dict:
         model.deq.f.forward = torch.compile(model.deq.f.forward)  # keeps state-dict keys
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_data[1]) / world / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=cfg.epochs * steps_per_epoch, eta_min=cfg.min_lr
-    )
+    schedule = Schedule(cfg, steps_per_epoch=math.ceil(len(train_data[1]) / world / cfg.batch_size))
 
     start_epoch, elapsed, log = 0, 0.0, []
     if cfg.resume and (out / "train_state.json").is_file():
         state = load_state(out / "train_state")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        start_epoch, elapsed = state["epoch"], state["elapsed"]
+        start_epoch, elapsed, schedule.step = state["epoch"], state["elapsed"], state["step"]
         log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()][:start_epoch]
         if rank == 0:
             print(f"resumed from {out} at epoch {start_epoch}")
 
+    split = "val" if cfg.val_images else "test"  # what each epoch is evaluated on
     card_base = {
         "dataset": describe_source(cfg.data),
         "train_images": len(train_data[1]),
-        "test_images": len(test_data[1]),
-        "device": device_name(device) + (f" x{world}" if world > 1 else ""),
+        f"{split}_images": len(test_data[1]),
+        "device": device_label(device) + (f" x{world}" if world > 1 else ""),
         "torch": torch.__version__,
         "git_commit": git_commit(),
         "command": " ".join(
@@ -334,46 +376,58 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
+        clock = functools.partial(lambda start, t0: start + time.perf_counter() - t0, elapsed, t0)
         tr = reduce_sums(
             run_epoch(
-                net, opt, sched, train_data, cfg, epoch, device, rank, world, cfg.progress and rank == 0
+                net, opt, schedule, clock, train_data, cfg, epoch, device, rank, world,
+                cfg.progress and rank == 0,
             ),
             device,
             world,
-        )
+        )  # fmt: skip
+        if not tr["n"]:  # the budget ran out before this epoch's first step
+            break
         train_time = time.perf_counter() - t0
+        t_eval = time.perf_counter()
         te = evaluate(model, *test_data, batch_size=max(cfg.batch_size, 100), amp=cfg.amp, flip=cfg.test_flip)
+        # keep the last evaluation's time in reserve: the final one then fits in the budget too
+        schedule.deadline = max(cfg.time_budget_s - (time.perf_counter() - t_eval), 0.5 * cfg.time_budget_s)
         elapsed += time.perf_counter() - t0
+        images_per_epoch = len(train_data[1])
         record = {
-            "epoch": epoch + 1,
+            "epoch": round(epoch + min(1.0, tr["n"] / images_per_epoch), 3),
             "train_loss": tr["loss"] / tr["n"],
             "train_error": 1 - tr["correct"] / tr["n"],
-            "test_loss": te["loss"] / te["n"],
-            "test_error": 1 - te["correct"] / te["n"],
+            f"{split}_loss": te["loss"] / te["n"],
+            f"{split}_error": 1 - te["correct"] / te["n"],
             "forward_residual": tr["f_res"] / tr["n"],
             "forward_iters": tr["f_evals"] / tr["n"],
             "backward_residual": tr["b_res"] / tr["n"] if tr["b_evals"] else None,
             "backward_iters": tr["b_evals"] / tr["n"] if tr["b_evals"] else None,
             "jacobian_penalty": tr["jac"] / tr["n"] if cfg.jac_reg > 0 else None,
-            "test_forward_residual": te["f_res"] / te["n"],
-            "test_forward_iters": te["f_evals"] / te["n"],
-            "lr": sched.get_last_lr()[0],
+            f"{split}_forward_residual": te["f_res"] / te["n"],
+            f"{split}_forward_iters": te["f_evals"] / te["n"],
+            "lr": opt.param_groups[0]["lr"],
+            "steps": schedule.step,
             "epoch_time_s": time.perf_counter() - t0,
             "train_images_per_s": tr["n"] / train_time,
             "elapsed_s": elapsed,
         }
         log.append(record)
+        finished = tr["done"] or epoch + 1 == cfg.epochs
         if rank == 0:
             print(json.dumps(record))
-            card = {**card_base, "epochs": epoch + 1, "test_accuracy": 1 - record["test_error"],
-                    "train_wall_time_s": elapsed, "finished": epoch + 1 == cfg.epochs}  # fmt: skip
+            card = {**card_base, "epochs": record["epoch"], f"{split}_accuracy": 1 - record[f"{split}_error"],
+                    "train_wall_time_s": elapsed, "finished": finished}  # fmt: skip
             save_checkpoint(model, out, card)
             (out / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in log))
             save_state(out / "train_state", {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(), "epoch": epoch + 1, "elapsed": elapsed,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                "epoch": epoch + 1, "elapsed": elapsed, "step": schedule.step,
             })  # fmt: skip
         result = record
+        if finished:
+            break
     if world > 1:
         dist.destroy_process_group()
     return result

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .model import CIFAR10_CLASSES
 
-__all__ = ["load_cifar10", "batches", "augment", "describe_source"]
+__all__ = ["load_cifar10", "split_validation", "batches", "augment", "describe_source"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 _EXPECTED = (
@@ -120,6 +120,20 @@ def _load_folder(root: Path, split: str, cache_dir) -> tuple[Tensor, Tensor]:
         except OSError:
             continue
     return images, labels
+
+
+def split_validation(
+    images: Tensor, labels: Tensor, n_val: int, seed: int = 0
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """((train images, labels), (validation images, labels)): ``n_val`` images held out of a
+    training set by a fixed seeded shuffle, the same on every machine, so that model selection
+    never needs the test set. ``n_val`` = 0 gives an empty validation set."""
+    n = len(labels)
+    if not isinstance(n_val, int) or isinstance(n_val, bool) or not 0 <= n_val < n:
+        raise ValueError(f"n_val must be an integer in [0, {n}), got {n_val!r}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(labels.device)
+    val, train = order[:n_val], order[n_val:]
+    return (images[train], labels[train]), (images[val], labels[val])
 
 
 def augment(x: Tensor, generator: torch.Generator | None = None, pad: int = 4) -> Tensor:

@@ -591,6 +591,11 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
     cfg = model.config
     n_params = card.get("parameters") or sum(p.numel() for p in model.parameters())
     lines = [f"### Model card{f': `{label}`' if label else ''}"]
+    if "test_accuracy" not in card and "val_accuracy" in card:
+        lines.append(
+            f"- **{100 * card['val_accuracy']:.1f}%** validation accuracy ({card.get('val_images', 0):,} "
+            "images held out of the training set; not yet evaluated on the test set)"
+        )
     if "test_accuracy" in card:
         acc = f"**{100 * card['test_accuracy']:.1f}%** CIFAR-10 test accuracy"
         if card.get("test_images"):
@@ -660,7 +665,8 @@ def _curves(
     for key, name in curves:
         xs, ys = _series(records, key, transform)
         if xs:
-            color = "#2ca02c" if "backward" in key else "#d62728" if "test" in key else "#1f77b4"
+            color = ("#2ca02c" if "backward" in key else "#d62728" if "test" in key
+                     else "#ff7f0e" if "val" in key else "#1f77b4")  # fmt: skip
             traces.append({"type": "scatter", "x": xs, "y": ys, "name": name, "mode": "lines+markers",
                            "line": {"color": color}})  # fmt: skip
     y_scale = {"type": "log", "exponentformat": "power"} if log_y else {}
@@ -678,12 +684,17 @@ def training_figures(records: list[dict]) -> tuple[go.Figure, go.Figure, go.Figu
     """(accuracy, residuals, solver steps) per epoch, from train_log.jsonl records."""
     accuracy = _curves(
         records,
-        [("test_error", "test accuracy"), ("train_error", "train accuracy")],
+        [
+            ("test_error", "test accuracy"),
+            ("val_error", "validation accuracy"),
+            ("train_error", "train accuracy"),
+        ],
         "accuracy (%)",
         transform=lambda error: 100.0 * (1.0 - error),
     )
     solves = [("forward", "forward solve (train)"), ("backward", "backward solve (train)"),
-              ("test_forward", "forward solve (test)")]  # fmt: skip
+              ("test_forward", "forward solve (test)"),
+              ("val_forward", "forward solve (validation)")]  # fmt: skip
     residuals = _curves(
         records, [(f"{k}_residual", name) for k, name in solves], "mean final relative residual", log_y=True
     )

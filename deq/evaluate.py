@@ -2,23 +2,42 @@
 trained with (e.g. solved to the equilibrium rather than for a fixed budget).
 
     python -m deq.evaluate checkpoints/seed-cpu --data data --tol 1e-4 --max-iter 100
+    python -m deq.evaluate runs/seed --data data --split val --solver forward   # held-out 5,000
+
+The f-evaluation counts are per image, as if each image were solved alone (samples of a
+batch never interact): the report gives their mean, median and 90th percentile.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import batches, load_cifar10
+from .data import batches, load_cifar10, split_validation
 from .model import DEQClassifier
 from .solvers import SolverStats
 
-__all__ = ["predict", "evaluate"]
+__all__ = ["predict", "evaluate", "evaluate_checkpoint", "report", "load_split", "device_label"]
+
+
+def device_label(device: str | torch.device) -> str:
+    """ "NVIDIA H200" / "CPU (<model>, N cores, T torch threads)": where a figure was measured."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    except OSError:
+        names = []
+    model = f"{names[0]}, {len(names)} cores" if names else (platform.processor() or platform.machine())
+    return f"CPU ({model}, {torch.get_num_threads()} torch threads)"
 
 
 def predict(model: DEQClassifier, images: Tensor, **solver_overrides) -> tuple[Tensor, SolverStats]:
@@ -39,10 +58,12 @@ def evaluate(
     **solver_overrides,
 ) -> dict:
     """Sums over the set: loss, correct, n, forward residual and f-evaluations (per image),
-    converged images. ``flip`` averages the logits of each image and its mirror."""
+    converged images; and ``sample_evals``, each image's f-evaluations (N,) int64 on the CPU.
+    ``flip`` averages the logits of each image and its mirror (the counts are the plain view's)."""
     model.eval()
     device = images.device.type
     sums = {"loss": 0.0, "correct": 0, "n": 0, "f_res": 0.0, "f_evals": 0, "converged": 0}
+    per_image = []
     tol = solver_overrides.get("tol", model.deq.solver_kwargs.get("tol", 1e-2))
     for x, y in batches(images, labels, batch_size):
         with torch.autocast(device, torch.bfloat16, enabled=amp):
@@ -53,47 +74,121 @@ def evaluate(
         sums["correct"] += int((logits.argmax(1) == y).sum())
         sums["n"] += len(y)
         sums["f_res"] += float(stats.sample_residuals.sum())
-        sums["f_evals"] += stats.n_evals * len(y)
+        sums["f_evals"] += int(stats.sample_evals.sum())
         sums["converged"] += int((stats.sample_residuals < tol).sum())
+        per_image.append(stats.sample_evals.cpu())
+    sums["sample_evals"] = torch.cat(per_image) if per_image else torch.zeros(0, dtype=torch.int64)
     return sums
 
 
+def report(sums: dict) -> dict:
+    """The headline figures of ``evaluate``'s sums (accuracy, loss, residual, f-evaluations)."""
+    n, evals = sums["n"], sums["sample_evals"].double()
+    return {
+        "images": n,
+        "accuracy": sums["correct"] / n,
+        "loss": sums["loss"] / n,
+        "mean_residual": sums["f_res"] / n,
+        "mean_f_evals": sums["f_evals"] / n,
+        "median_f_evals": float(evals.median()),
+        "p90_f_evals": float(evals.quantile(0.9)),
+        "converged_fraction": sums["converged"] / n,
+    }
+
+
+def load_split(root: str, split: str, val_images: int) -> tuple[Tensor, Tensor]:
+    """ "train" (less the held-out images), "val" (the ``val_images`` held out) or "test"."""
+    if split == "test":
+        return load_cifar10(root, "test")
+    train, val = split_validation(*load_cifar10(root, "train"), val_images)
+    return val if split == "val" else train
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    model: DEQClassifier,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    split: str,
+    command: str,
+    solver: str | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    flip: bool | None = None,
+    batch_size: int = 100,
+    record: bool = False,
+    headline: bool = False,
+) -> dict:
+    """Evaluate a loaded checkpoint on (images, labels) and report it; with ``record``, the report
+    goes into the checkpoint's card (``headline``: also as the card's test accuracy).
+    Unset solver options are the model's own; ``flip`` defaults to how it was trained."""
+    from .checkpoint import update_card
+
+    own = model.deq.solver_kwargs
+    overrides = {
+        "solver": solver or model.deq.solver,
+        "tol": tol or own.get("tol", 1e-2),
+        "max_iter": max_iter or own.get("max_iter", 50),
+    }
+    flip = flip if flip is not None else bool(model.card.get("train_config", {}).get("test_flip"))
+    s = evaluate(model, images, labels, batch_size=batch_size, flip=flip, **overrides)
+    result = {"split": split, "solver": overrides, "flip": flip, **report(s),
+              "device": device_label(images.device), "command": command}  # fmt: skip
+    if record:
+        evaluations = [
+            e for e in model.card.get("evaluations", [])
+            if (e.get("solver"), e.get("split")) != (overrides, split)
+        ]  # fmt: skip
+        headline_fields = {"test_accuracy": result["accuracy"], "test_images": s["n"]} if headline else {}
+        model.card = update_card(checkpoint, evaluations=[*evaluations, result], **headline_fields)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
-    from .checkpoint import load_model, update_card
+    from .checkpoint import load_model
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint")
     parser.add_argument("--data", default="data")
-    parser.add_argument("--split", default="test", choices=["train", "test"])
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument(
+        "--val-images",
+        type=int,
+        default=5000,
+        help="size of the validation split held out of the training set",
+    )
     parser.add_argument("--solver", default=None, choices=["anderson", "forward", "broyden"])
     parser.add_argument("--tol", type=float, default=None)
     parser.add_argument("--max-iter", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average each image's logits with its mirror's (default: as in training)",
+    )
     parser.add_argument("--record", action="store_true", help="add the result to the checkpoint's card")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--headline",
+        action="store_true",
+        help="with --record on the test split: also make this the card's test accuracy",
+    )
+    args = parser.parse_args(argv)  # fmt: skip
+    if args.headline and not (args.record and args.split == "test"):
+        parser.error("--headline needs --record and --split test")
     model = load_model(args.checkpoint, args.device)
-    images, labels = (t.to(args.device) for t in load_cifar10(args.data, args.split))
-    own = model.deq.solver_kwargs
-    overrides = {
-        "solver": args.solver or model.deq.solver,
-        "tol": args.tol or own.get("tol", 1e-2),
-        "max_iter": args.max_iter or own.get("max_iter", 50),
-    }
-    s = evaluate(model, images, labels, batch_size=args.batch_size, **overrides)
-    report = {
-        "split": args.split, "images": s["n"], "solver": overrides,
-        "accuracy": s["correct"] / s["n"], "loss": s["loss"] / s["n"],
-        "mean_residual": s["f_res"] / s["n"], "mean_f_evals": s["f_evals"] / s["n"],
-        "converged_fraction": s["converged"] / s["n"],
-        "command": " ".join(["python -m deq.evaluate", *(sys.argv[1:] if argv is None else argv)]),
-    }  # fmt: skip
-    print(json.dumps(report, indent=2))
-    if args.record:
-        evaluations = [e for e in model.card.get("evaluations", []) if e.get("solver") != overrides]
-        update_card(args.checkpoint, evaluations=[*evaluations, report])
+    images, labels = (t.to(args.device) for t in load_split(args.data, args.split, args.val_images))
+    result = evaluate_checkpoint(
+        args.checkpoint, model, images, labels, split=args.split,
+        command=" ".join(["python -m deq.evaluate", *(sys.argv[1:] if argv is None else argv)]),
+        solver=args.solver, tol=args.tol, max_iter=args.max_iter, flip=args.flip,
+        batch_size=args.batch_size, record=args.record, headline=args.headline,
+    )  # fmt: skip
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -57,11 +57,14 @@ class SolverStats:
     trace: batch residual (max over samples) of each iterate, trace[0] being that of z0;
         one entry per f-evaluation.
     sample_residuals: (B,) residual of the returned (best) iterate of each sample.
+    sample_evals: (B,) int64, per sample the f-evaluations it needed to reach ``tol`` (as if
+        solved alone: samples never interact), or ``n_evals`` where it did not converge.
     """
 
     solver: str
     trace: list[float]
     sample_residuals: Tensor
+    sample_evals: Tensor
     n_evals: int
     converged: bool
     diverged: bool
@@ -116,7 +119,9 @@ class _Monitor:
         if check_every is None:
             check_every = 4 if z0.is_cuda else 1
         self.check_every = 1 if callback is not None else check_every
-        self.trace = torch.empty(max_iter, dtype=z0.dtype, device=z0.device)
+        # Per-sample residual history (max_iter, B): one row copy per iteration; the batch
+        # trace and the per-sample f-evaluation counts are read off it once, at the end.
+        self.history = torch.empty(max_iter, batch, dtype=z0.dtype, device=z0.device)
         self.on_cpu = z0.device.type == "cpu"
         self.best_z = z0
         self.best_res = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
@@ -136,10 +141,10 @@ class _Monitor:
             self.best_z = z  # no copy: solvers never modify an iterate in place
         else:
             self.best_z = torch.where(improved.unsqueeze(1), z, self.best_z)
-        self.trace[self.count] = res.max()
+        self.history[self.count] = res
         self.count += 1
         if self.callback is not None:
-            self.callback(self.count - 1, float(self.trace[self.count - 1]))
+            self.callback(self.count - 1, float(res.max()))
         if self.count % self.check_every:
             return False
         return self._check(res)
@@ -161,7 +166,11 @@ class _Monitor:
         return self.converged or self.diverged
 
     def finish(self, name: str, n_evals: int) -> tuple[Tensor, SolverStats]:
-        trace = self.trace[: self.count].tolist()  # the one host copy of the loop
+        history = self.history[: self.count]
+        trace = history.amax(1).tolist()  # the one host copy of the loop
+        below = history < self.tol
+        first = below.to(torch.int8).argmax(0) + 1  # f-evaluations to the first iterate below tol
+        sample_evals = torch.where(below.any(0), first, n_evals).to(torch.int64)
         if not self.message:
             self.converged = bool((self.best_res < self.tol).all())
             if self.converged:
@@ -175,6 +184,7 @@ class _Monitor:
             solver=name,
             trace=trace,
             sample_residuals=self.best_res.detach(),
+            sample_evals=sample_evals,
             n_evals=n_evals,
             converged=self.converged,
             diverged=self.diverged,

@@ -183,3 +183,31 @@ def test_cuda(name):
     z, stats = get_solver(name)(A_dev, torch.zeros_like(z_star).cuda(), tol=1e-10, max_iter=500)
     assert z.is_cuda and stats.converged
     torch.testing.assert_close(z.cpu(), z_star, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_sample_evals_equal_solving_each_sample_alone(name):
+    """Per-sample f-evaluation counts: what each sample would need if solved on its own."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(4, 20, 20, generator=g, dtype=torch.float64)
+    rates = torch.tensor([0.2, 0.5, 0.8, 0.95], dtype=torch.float64)  # counts differ per sample
+    A = rates[:, None, None] * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    b = torch.randn(4, 20, generator=g, dtype=torch.float64)
+
+    def problem(rows: slice):
+        return lambda z: torch.einsum("bij,bj->bi", A[rows], z) + b[rows]
+
+    solve = get_solver(name)
+    _, stats = solve(problem(slice(None)), torch.zeros_like(b), tol=1e-6, max_iter=300)
+    alone = [
+        int(solve(problem(slice(i, i + 1)), b[:1] * 0, tol=1e-6, max_iter=300)[1].sample_evals[0])
+        for i in range(4)
+    ]
+    assert stats.sample_evals.tolist() == alone
+    assert stats.n_evals == max(alone) and len(set(alone)) > 1
+
+
+def test_sample_evals_of_an_unconverged_sample_is_the_solve_length():
+    f, z_star = linear_problem(batch=2, norm=0.99)
+    _, stats = forward_iteration(f, torch.zeros_like(z_star), tol=1e-12, max_iter=7)
+    assert stats.sample_evals.tolist() == [7, 7] and not stats.converged

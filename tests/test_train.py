@@ -112,7 +112,8 @@ def test_bad_options_are_rejected(argv, message, capsys):
 
 def test_presets_and_overrides():
     cfg, preset = train.parse_args(["--preset", "fast", "--epochs", "3"])
-    assert preset == "fast" and cfg.epochs == 3 and cfg.backward == "phantom" and cfg.augment
+    assert preset == "fast" and cfg.epochs == 3 and cfg.backward == "implicit" and cfg.augment
+    assert (cfg.time_budget_s, cfg.val_images, cfg.jac_reg) == (270, 5000, 0.5)
     seed, _ = train.parse_args(["--preset", "seed"])
     assert (seed.lr, seed.min_lr, seed.batch_size, seed.epochs, seed.augment) == (1e-3, 1e-6, 100, 50, False)
     assert (seed.m, seed.f_tol, seed.f_max_iter, seed.b_tol, seed.b_max_iter) == (5, 1e-2, 25, 1e-2, 25)
@@ -144,7 +145,8 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
 def test_large_preset_trains_with_test_time_flips(data_dir, tmp_path):
     small = ["--n-channels", "16", "--n-inner-channels", "16", "--no-amp", "--no-channels-last"]
     record = train.main(["--preset", "large", "--data", str(data_dir), "--out", str(tmp_path / "large"),
-                         *TINY, "--epochs", "1", *small])  # fmt: skip
+                         *TINY, "--epochs", "1", "--val-images", "20", "--time-budget-s", "0", *small])  # fmt: skip
     model = load_model(tmp_path / "large")
     assert model.config.arch == "large" and model.card["train_config"]["test_flip"]
-    assert 0 <= record["test_error"] <= 1 and record["backward_iters"] is None  # phantom gradient
+    assert 0 <= record["val_error"] <= 1 and "test_error" not in record  # never looks at the test set
+    assert record["backward_iters"] > 0 and model.card["val_images"] == 20 and "test_accuracy" not in model.card
