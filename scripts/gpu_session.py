@@ -63,8 +63,7 @@ class Run:
 # The seed sweep varies the weight of the Jacobian regulariser: too little and the cell may lose
 # its attracting fixed point, too much and it is so contractive that acceleration has nothing
 # to gain (the CPU stand-in showed both ends).
-SEED_SWEEP = {"seed-jac0.1": ["--jac-reg", "0.1"], "seed-jac0.5": ["--jac-reg", "0.5"],
-              "seed-jac2": ["--jac-reg", "2.0"]}  # fmt: skip
+SEED_SWEEP_JAC = (0.1, 0.5, 2.0)
 
 
 def log(msg: str) -> None:
@@ -204,10 +203,20 @@ def main() -> None:
     parser.add_argument("--large-budget", type=float, default=400.0)
     parser.add_argument("--eval-batch", type=int, default=500)
     parser.add_argument(
+        "--sweep-jac",
+        type=float,
+        nargs="+",
+        default=SEED_SWEEP_JAC,
+        help="the seed sweep: one run per Jacobian-regulariser weight",
+    )
+    parser.add_argument("--train-args", default="", help="extra train.py options for every run")
+    parser.add_argument("--no-large", action="store_true", help="train the seed sweep only")
+    parser.add_argument("--no-bench", action="store_true", help="skip the CUDA tests and benchmarks")
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes on CPU: tests the script, not the models"
     )
     args = parser.parse_args()
-    args.train_args = []
+    args.train_args = args.train_args.split()
     if args.smoke:
         args.seed_budget, args.large_budget, args.val_images, args.eval_batch = 8.0, 12.0, 100, 100
         args.train_args = ["--limit-train", "200", "--batch-size", "20", "--device", "cpu"]
@@ -233,9 +242,9 @@ def main() -> None:
     log(f"torch {torch.__version__} on {device}")
 
     prepare_data(args.data)
-    large = Run("large", "large", args.large_budget)
-    seeds = [Run(name, "fast", args.seed_budget, opts) for name, opts in SEED_SWEEP.items()]
-    for run in (large, *seeds):
+    large = None if args.no_large else Run("large", "large", args.large_budget)
+    seeds = [Run(f"seed-jac{w:g}", "fast", args.seed_budget, ["--jac-reg", str(w)]) for w in args.sweep_jac]
+    for run in [large, *seeds] if large else seeds:
         start(run, args, runs, logs)
     evaluate = Evaluator(args)
 
@@ -288,7 +297,16 @@ def main() -> None:
 
     # --- CUDA-only tests while the large model trains (small: they barely slow it down)
     pytest = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings"]
-    sh([*pytest, "tests/test_cuda.py", "tests/test_solvers.py", "-k", "cuda"], out / "tests.txt", timeout=120)
+    if not args.no_bench:
+        sh(
+            [*pytest, "tests/test_cuda.py", "tests/test_solvers.py", "-k", "cuda"],
+            out / "tests.txt",
+            timeout=120,
+        )
+    if large is None:
+        summary["wall_s"] = round(time.time() - t0, 1)
+        save()
+        return
 
     wait(large, grace_s=150)
     if (runs / "large" / "config.json").is_file():
@@ -298,7 +316,7 @@ def main() -> None:
     pack(out, runs, logs)
 
     # --- benchmarks last: alone on the GPU
-    if not args.smoke:
+    if not (args.smoke or args.no_bench):
         bench_solvers = [PY, "-m", "bench.solvers", "--device", "cuda", "--repeats", "5"]
         sh(bench_solvers, out / "bench_solvers.txt", timeout=45)
         bench_training = [PY, "-m", "bench.training", "--device", "cuda", "--batch-size", "100"]
