@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from deq import DEQClassifier, ModelConfig
-from deq.checkpoint import LOG_NAME, load_model, load_state, save_checkpoint, save_state
+from deq.checkpoint import LOG_NAME, load_model, load_state, save_checkpoint, save_state, update_card
 from deq.data import batches, describe_source, load_cifar10, split_validation
 from deq.evaluate import device_label, evaluate
 
@@ -385,7 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
             device,
             world,
         )  # fmt: skip
-        if not tr["n"]:  # the budget ran out before this epoch's first step
+        if not tr["n"]:  # the budget ran out at the end of the last epoch: that one finished the run
+            if rank == 0 and log:
+                update_card(out, finished=True)
             break
         train_time = time.perf_counter() - t0
         t_eval = time.perf_counter()

@@ -183,7 +183,7 @@ def read_card(ckpt: Path) -> dict:
 def pack(out: Path, runs: Path, logs: Path) -> None:
     """checkpoints.tar.gz (no resume state: the runs are finished) and logs.tar.gz."""
     with tarfile.open(out / "checkpoints.tar.gz.tmp", "w:gz") as tar:
-        for d in sorted(p for p in runs.iterdir() if p.is_dir()):
+        for d in sorted(p for p in runs.iterdir() if p.is_dir() and p != logs):
             for f in sorted(d.iterdir()):
                 if not f.name.startswith("train_state"):
                     tar.add(f, arcname=f"{d.name}/{f.name}")
@@ -198,6 +198,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=Path(".data"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/gpu"), help="where the runs are trained")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --runs holds")
     parser.add_argument("--val-images", type=int, default=5000)
     parser.add_argument("--seed-budget", type=float, default=270.0)
     parser.add_argument("--large-budget", type=float, default=400.0)
@@ -221,9 +223,11 @@ def main() -> None:
         args.seed_budget, args.large_budget, args.val_images, args.eval_batch = 8.0, 12.0, 100, 100
         args.train_args = ["--limit-train", "200", "--batch-size", "20", "--device", "cpu"]
 
-    out, runs = args.out, Path("runs/gpu")  # relative to ROOT (our cwd), as the cards name it
-    logs = Path("runs/gpu-logs")  # packed into logs.tar.gz: --out may hold 8 files only
+    out, runs = args.out.resolve(), args.runs  # --runs and --data: relative to ROOT, as the cards name them
+    logs = runs / "logs"  # packed into logs.tar.gz: --out may hold 8 files only
     os.chdir(ROOT)
+    if runs.exists() and any(runs.iterdir()) and not args.overwrite:
+        sys.exit(f"error: {runs} holds earlier runs; move them away or pass --overwrite")
     for d in (runs, logs):
         if d.exists():
             shutil.rmtree(d)

@@ -120,3 +120,26 @@ def test_evaluate_cli_solves_to_the_requested_tolerance(saved, tmp_path, capsys)
     assert report["images"] == 20 and 0 <= report["accuracy"] <= 1
     assert report["solver"] == {"solver": "anderson", "tol": 1e-4, "max_iter": 200}
     assert report["converged_fraction"] == 1.0 and report["mean_residual"] < 1e-4
+
+
+def test_evaluate_reports_per_image_counts_and_headline_only_on_request(saved, tmp_path, capsys):
+    from test_data import make_cifar_folder
+
+    from deq.evaluate import main as evaluate_main
+
+    _, path = saved
+    data = make_cifar_folder(tmp_path / "cifar", per_class=3, test_per_class=2)
+    common = [str(path), "--data", str(data), "--tol", "1e-4", "--max-iter", "200", "--record"]
+    evaluate_main([*common, "--split", "val", "--val-images", "10", "--solver", "forward"])
+    val = json.loads(capsys.readouterr().out)
+    assert val["split"] == "val" and val["images"] == 10
+    assert val["p90_f_evals"] >= val["median_f_evals"] >= 1 and val["mean_f_evals"] <= 200
+    assert load_model(path).card["test_accuracy"] == 0.5  # a validation run never changes it
+    with pytest.raises(SystemExit):  # --headline needs the test split
+        evaluate_main([*common, "--split", "val", "--headline"])
+    evaluate_main([*common, "--headline"])
+    test = json.loads(capsys.readouterr().out)
+    card = load_model(path).card
+    assert card["test_accuracy"] == test["accuracy"] and card["test_images"] == 20
+    assert [(e["split"], e["solver"]["solver"]) for e in card["evaluations"]] == [
+        ("val", "forward"), ("test", "anderson")]  # fmt: skip

@@ -90,3 +90,20 @@ def test_augment_crops_and_flips_deterministically():
     for i in range(8):
         windows = [padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
         assert any(torch.equal(a[i], w) or torch.equal(a[i], w.flip(2)) for w in windows)
+
+
+def test_validation_split_is_fixed_disjoint_and_checked():
+    from deq.data import split_validation
+
+    images = torch.arange(50).view(50, 1, 1, 1).expand(50, 3, 2, 2).to(torch.uint8)
+    labels = torch.arange(50) % 10
+    (tx, ty), (vx, vy) = split_validation(images, labels, 12)
+    again = split_validation(images, labels, 12)
+    assert len(ty) == 38 and len(vy) == 12
+    assert torch.equal(vx, again[1][0]) and torch.equal(ty, again[0][1])  # the same on every call
+    ids = set(tx[:, 0, 0, 0].tolist()) | set(vx[:, 0, 0, 0].tolist())
+    assert ids == set(range(50)) and not set(tx[:, 0, 0, 0].tolist()) & set(vx[:, 0, 0, 0].tolist())
+    assert torch.equal(vy, vx[:, 0, 0, 0].long() % 10)  # labels travel with their images
+    for bad in (-1, 50, 2.5, True):
+        with pytest.raises(ValueError, match="n_val"):
+            split_validation(images, labels, bad)

@@ -145,8 +145,42 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
 def test_large_preset_trains_with_test_time_flips(data_dir, tmp_path):
     small = ["--n-channels", "16", "--n-inner-channels", "16", "--no-amp", "--no-channels-last"]
     record = train.main(["--preset", "large", "--data", str(data_dir), "--out", str(tmp_path / "large"),
-                         *TINY, "--epochs", "1", "--val-images", "20", "--time-budget-s", "0", *small])  # fmt: skip
+                         *TINY, "--epochs", "1", "--val-images", "20", "--time-budget-s", "0",
+                         *small])  # fmt: skip
     model = load_model(tmp_path / "large")
     assert model.config.arch == "large" and model.card["train_config"]["test_flip"]
     assert 0 <= record["val_error"] <= 1 and "test_error" not in record  # never looks at the test set
-    assert record["backward_iters"] > 0 and model.card["val_images"] == 20 and "test_accuracy" not in model.card
+    assert (
+        record["backward_iters"] > 0 and model.card["val_images"] == 20 and "test_accuracy" not in model.card
+    )
+
+
+def test_schedule_warms_up_then_anneals_over_steps_or_time():
+    cfg, _ = train.parse_args(["--lr", "1e-2", "--min-lr", "1e-4", "--warmup", "0.1", "--epochs", "10"])
+    schedule = train.Schedule(cfg, steps_per_epoch=10)
+    assert schedule.progress(50, elapsed=1e6) == 0.5  # epochs mode: steps only
+    lrs = [schedule.lr(p / 100) for p in range(101)]
+    assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(1e-2)  # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] == pytest.approx(1e-4)
+    timed, _ = train.parse_args(["--time-budget-s", "60", "--epochs", "10"])
+    schedule = train.Schedule(timed, steps_per_epoch=10)
+    assert schedule.progress(1, elapsed=30.0) == 0.5 and schedule.progress(1, elapsed=90.0) == 1.0
+    assert schedule.progress(100, elapsed=1.0) == 1.0  # --epochs still caps a budgeted run
+
+
+def test_time_budget_ends_the_run_with_its_schedule_finished(data_dir, tmp_path):
+    record = run(data_dir, tmp_path / "budget", "--epochs", "1000", "--time-budget-s", "4",
+                 "--val-images", "20", "--backward", "phantom")  # fmt: skip
+    card = load_model(tmp_path / "budget").card
+    assert card["finished"] and card["epochs"] < 1000 and card["epochs"] == record["epoch"]
+    assert record["lr"] < 1e-3 * 0.05  # annealed: the budget ran out at the end of the schedule
+    assert card["train_wall_time_s"] < 4 + 10  # stops at the budget (slack for one step and the evaluation)
+    assert card["val_images"] == 20 and card["train_images"] == 80 and "test_accuracy" not in card
+
+
+def test_bad_budget_options_are_errors(data_dir, tmp_path):
+    for bad in (["--time-budget-s", "-1"], ["--val-images", "-3"], ["--warmup", "1.0"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+    with pytest.raises(ValueError, match="--val-images 100 leaves no training images"):
+        run(data_dir, tmp_path / "o", "--val-images", "100")
