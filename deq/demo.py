@@ -603,8 +603,12 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
         lines.append(f"- {acc}")
     train_cfg = card.get("train_config") or {}
     if "epochs" in card:
-        total = train_cfg.get("epochs")
-        done = f"{card['epochs']} epochs" + (f" of {total}" if total and total != card["epochs"] else "")
+        total, budget = train_cfg.get("epochs"), train_cfg.get("time_budget_s")
+        done = f"{card['epochs']:.3g} epochs"
+        if budget:
+            done += f" (a {budget:g} s wall-clock budget)"
+        elif total and total != card["epochs"]:
+            done += f" of {total}"
         where = f" on {card['device']}" if card.get("device") else ""
         took = f" in {_fmt_duration(card['train_wall_time_s'])}" if card.get("train_wall_time_s") else ""
         data = f", {card['train_images']:,} training images" if card.get("train_images") else ""
@@ -621,11 +625,32 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
         f"- {cfg.arch} architecture, {n_params:,} parameters, equilibrium width {cfg.n_channels} channels; "
         f"trained with the {cfg.solver} solver ({solver_opts}), {cfg.backward} backward"
     )
+    for e in card.get("evaluations") or []:
+        lines.extend(_evaluation_line(e))
+    if card.get("notes"):
+        lines.append(f"- Notes: {card['notes']}")
     if card.get("torch"):
         lines.append(f"- torch {card['torch']}")
     if not card:
         lines.append("- This checkpoint carries no model card.")
     return "\n".join(lines)
+
+
+def _evaluation_line(e: dict) -> list[str]:
+    """One recorded test-set equilibrium evaluation (``deq.evaluate --record``) as a bullet."""
+    solver = e.get("solver") if isinstance(e, dict) else None
+    if not isinstance(solver, dict):
+        return []
+    try:
+        if e.get("split", "test") != "test" or solver.get("tol", 1) > 1e-3:
+            return []  # validation runs and the training budget's own solve are not headline facts
+        median = e.get("median_f_evals", e.get("mean_f_evals"))
+        what = "median" if "median_f_evals" in e else "mean"
+        return [f"- Solved to tol {solver['tol']:g} (max_iter {solver['max_iter']}) with {solver['solver']}: "
+                f"{100 * e['converged_fraction']:.1f}% of {e['images']:,} test images converge, "
+                f"{what} {median:g} f-evaluations, accuracy {100 * e['accuracy']:.1f}%"]  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return []  # a card from elsewhere with other fields: show nothing rather than fail
 
 
 def read_train_log(source: str | Path) -> list[dict]:

@@ -455,6 +455,26 @@ def test_card_markdown(tiny_checkpoint):
     assert "no model card" in card_markdown(small_model())
 
 
+def test_card_markdown_shows_the_equilibrium_evaluations_budget_and_notes():
+    model = small_model()
+    equilibrium = {"split": "test", "solver": {"solver": "forward", "tol": 1e-4, "max_iter": 100},
+                   "images": 10000, "accuracy": 0.7918, "converged_fraction": 0.0,
+                   "median_f_evals": 100.0}  # fmt: skip
+    model.card = {
+        "epochs": 11.051, "device": "NVIDIA H200", "train_config": {"epochs": 500, "time_budget_s": 400.0},
+        "notes": "NOT a real equilibrium model",
+        "evaluations": [equilibrium, {**equilibrium, "split": "val"},  # validation: not shown
+                        {**equilibrium, "solver": {"solver": "anderson", "tol": 1e-2, "max_iter": 15}},
+                        {"split": "test", "solver": "garbled"}],  # a foreign card: skipped, no error
+    }  # fmt: skip
+    text = card_markdown(model)
+    assert "11.1 epochs (a 400 s wall-clock budget) on NVIDIA H200" in text and "of 500" not in text
+    lines = [line for line in text.splitlines() if line.startswith("- Solved to")]
+    assert lines == ["- Solved to tol 0.0001 (max_iter 100) with forward: 0.0% of 10,000 test images "
+                     "converge, median 100 f-evaluations, accuracy 79.2%"]  # fmt: skip
+    assert "- Notes: NOT a real equilibrium model" in text
+
+
 def test_training_log_and_figures(tiny_checkpoint, tmp_path):
     records = read_train_log(tiny_checkpoint)
     assert [r["epoch"] for r in records] == [1, 2, 3]

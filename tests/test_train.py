@@ -113,7 +113,7 @@ def test_bad_options_are_rejected(argv, message, capsys):
 def test_presets_and_overrides():
     cfg, preset = train.parse_args(["--preset", "fast", "--epochs", "3"])
     assert preset == "fast" and cfg.epochs == 3 and cfg.backward == "implicit" and cfg.augment
-    assert (cfg.time_budget_s, cfg.val_images, cfg.jac_reg) == (270, 5000, 0.5)
+    assert (cfg.time_budget_s, cfg.val_images, cfg.jac_reg, cfg.amp) == (270, 5000, 3.0, False)
     seed, _ = train.parse_args(["--preset", "seed"])
     assert (seed.lr, seed.min_lr, seed.batch_size, seed.epochs, seed.augment) == (1e-3, 1e-6, 100, 50, False)
     assert (seed.m, seed.f_tol, seed.f_max_iter, seed.b_tol, seed.b_max_iter) == (5, 1e-2, 25, 1e-2, 25)
