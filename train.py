@@ -209,8 +209,9 @@ def git_commit() -> str:
 
 class Schedule:
     """The learning rate along training: linear warm-up over the first ``warmup`` of it, then
-    cosine down to ``min_lr``. Progress is the fraction of the optimizer steps done, or, with
-    a time budget, of the time spent: a run stopped by its budget has finished its schedule."""
+    cosine down to ``min_lr``. Progress is the fraction of the optimizer steps done; with a time
+    budget, the larger of that and the fraction of the time spent (``--epochs`` stays a cap), so
+    a run stopped by its budget has finished its schedule."""
 
     def __init__(self, cfg: TrainConfig, steps_per_epoch: int):
         self.cfg = cfg
@@ -354,6 +355,11 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if "step" not in state:
+            raise ValueError(
+                f"{out}/train_state was written by an older train.py (no step count); "
+                "it cannot be resumed: start a new run"
+            )
         start_epoch, elapsed, schedule.step = state["epoch"], state["elapsed"], state["step"]
         log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()][:start_epoch]
         if rank == 0:
@@ -389,14 +395,18 @@ def main(argv: list[str] | None = None) -> dict:
             world,
         )  # fmt: skip
         if not tr["n"]:  # the budget ran out at the end of the last epoch: that one finished the run
-            if rank == 0 and log:
+            if not log:
+                raise ValueError(f"--time-budget-s {cfg.time_budget_s:g} is too short for one training step")
+            if rank == 0:
                 update_card(out, finished=True)
             break
         train_time = time.perf_counter() - t0
         t_eval = time.perf_counter()
         te = evaluate(model, *test_data, batch_size=max(cfg.batch_size, 100), amp=cfg.amp, flip=cfg.test_flip)
         # keep the last evaluation's time in reserve: the final one then fits in the budget too
-        schedule.deadline = max(cfg.time_budget_s - (time.perf_counter() - t_eval), 0.5 * cfg.time_budget_s)
+        # (the slowest rank's, so that every rank plans the same schedule)
+        eval_time = shared_clock(time.perf_counter() - t_eval, device, world)
+        schedule.deadline = max(cfg.time_budget_s - eval_time, 0.5 * cfg.time_budget_s)
         elapsed += time.perf_counter() - t0
         images_per_epoch = len(train_data[1])
         record = {

@@ -646,9 +646,12 @@ def _evaluation_line(e: dict) -> list[str]:
             return []  # validation runs and the training budget's own solve are not headline facts
         median = e.get("median_f_evals", e.get("mean_f_evals"))
         what = "median" if "median_f_evals" in e else "mean"
-        return [f"- Solved to tol {solver['tol']:g} (max_iter {solver['max_iter']}) with {solver['solver']}: "
+        where = f" on {e['device']}" if e.get("device") else ""
+        flips = " (with test-time flips)" if e.get("flip") else ""
+        how = f"tol {solver['tol']:g} (max_iter {solver['max_iter']}) with {solver['solver']}{where}"
+        return [f"- Solved to {how}: "
                 f"{100 * e['converged_fraction']:.1f}% of {e['images']:,} test images converge, "
-                f"{what} {median:g} f-evaluations, accuracy {100 * e['accuracy']:.1f}%"]  # fmt: skip
+                f"{what} {median:g} f-evaluations, accuracy {100 * e['accuracy']:.1f}%{flips}"]  # fmt: skip
     except (KeyError, TypeError, ValueError):
         return []  # a card from elsewhere with other fields: show nothing rather than fail
 

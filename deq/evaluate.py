@@ -132,13 +132,16 @@ def evaluate_checkpoint(
         "max_iter": max_iter or own.get("max_iter", 50),
     }
     flip = flip if flip is not None else bool(model.card.get("train_config", {}).get("test_flip"))
+    if len(labels) == 0:
+        raise ValueError(f"no images to evaluate in split {split!r}")
     s = evaluate(model, images, labels, batch_size=batch_size, flip=flip, **overrides)
     result = {"split": split, "solver": overrides, "flip": flip, **report(s),
               "device": device_label(images.device), "command": command}  # fmt: skip
-    if record:
+    if record:  # a new report replaces the one made the same way (same settings, data, device)
+        same = ("split", "solver", "flip", "images", "device")
         evaluations = [
             e for e in model.card.get("evaluations", [])
-            if (e.get("solver"), e.get("split")) != (overrides, split)
+            if tuple(e.get(k) for k in same) != tuple(result[k] for k in same)
         ]  # fmt: skip
         headline_fields = {"test_accuracy": result["accuracy"], "test_images": s["n"]} if headline else {}
         model.card = update_card(checkpoint, evaluations=[*evaluations, result], **headline_fields)
@@ -157,8 +160,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--val-images",
         type=int,
-        default=5000,
-        help="size of the validation split held out of the training set",
+        default=None,
+        help="size of the validation split held out of the training set "
+        "(default: the checkpoint's own, from its card)",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="evaluate on this many images of the split, a fixed random subset (0: all)",
     )
     parser.add_argument("--solver", default=None, choices=["anderson", "forward", "broyden"])
     parser.add_argument("--tol", type=float, default=None)
@@ -180,8 +190,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)  # fmt: skip
     if args.headline and not (args.record and args.split == "test"):
         parser.error("--headline needs --record and --split test")
+    # true float32 on GPUs too (cuDNN's TF32 default can hold residuals above a tight tol)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     model = load_model(args.checkpoint, args.device)
-    images, labels = (t.to(args.device) for t in load_split(args.data, args.split, args.val_images))
+    trained_with = int((model.card.get("train_config") or {}).get("val_images") or 0)
+    if args.split != "test" and args.val_images is None and not trained_with:
+        parser.error(
+            f"{args.checkpoint} was trained without a validation split: its 'val' images "
+            "would be training images (pass --val-images to choose a split anyway)"
+        )
+    if args.split != "test" and trained_with and args.val_images not in (None, trained_with):
+        parser.error(
+            f"--val-images {args.val_images}: {args.checkpoint} held out {trained_with}; "
+            "another split would mix its training images into 'val'"
+        )
+    val_images = trained_with if args.val_images is None else args.val_images
+    images, labels = load_split(args.data, args.split, val_images)
+    if args.images:  # a seeded random subset: the sets are stored class by class
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[: args.images]
+        images, labels = images[keep], labels[keep]
+    images, labels = images.to(args.device), labels.to(args.device)
     result = evaluate_checkpoint(
         args.checkpoint, model, images, labels, split=args.split,
         command=" ".join(["python -m deq.evaluate", *(sys.argv[1:] if argv is None else argv)]),

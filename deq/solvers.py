@@ -57,8 +57,9 @@ class SolverStats:
     trace: batch residual (max over samples) of each iterate, trace[0] being that of z0;
         one entry per f-evaluation.
     sample_residuals: (B,) residual of the returned (best) iterate of each sample.
-    sample_evals: (B,) int64, per sample the f-evaluations it needed to reach ``tol`` (as if
-        solved alone: samples never interact), or ``n_evals`` where it did not converge.
+    sample_evals: (B,) int64, per sample the f-evaluations it needed to reach ``tol`` (what it
+        needs solved alone: samples never interact), or ``max_iter`` where it did not converge,
+        also when the batch's solve stopped early (a divergence elsewhere cut it short).
     """
 
     solver: str
@@ -170,7 +171,7 @@ class _Monitor:
         trace = history.amax(1).tolist()  # the one host copy of the loop
         below = history < self.tol
         first = below.to(torch.int8).argmax(0) + 1  # f-evaluations to the first iterate below tol
-        sample_evals = torch.where(below.any(0), first, n_evals).to(torch.int64)
+        sample_evals = torch.where(below.any(0), first, len(self.history)).to(torch.int64)
         if not self.message:
             self.converged = bool((self.best_res < self.tol).all())
             if self.converged:

@@ -472,6 +472,10 @@ def test_card_markdown_shows_the_equilibrium_evaluations_budget_and_notes():
     lines = [line for line in text.splitlines() if line.startswith("- Solved to")]
     assert lines == ["- Solved to tol 0.0001 (max_iter 100) with forward: 0.0% of 10,000 test images "
                      "converge, median 100 f-evaluations, accuracy 79.2%"]  # fmt: skip
+    model.card["evaluations"] = [{**equilibrium, "flip": True, "device": "NVIDIA H200"}]
+    assert "with forward on NVIDIA H200: 0.0%" in card_markdown(
+        model
+    ) and "(with test-time flips)" in card_markdown(model)
     assert "- Notes: NOT a real equilibrium model" in text
 
 

@@ -135,6 +135,8 @@ def test_evaluate_reports_per_image_counts_and_headline_only_on_request(saved, t
     assert val["split"] == "val" and val["images"] == 10
     assert val["p90_f_evals"] >= val["median_f_evals"] >= 1 and val["mean_f_evals"] <= 200
     assert load_model(path).card["test_accuracy"] == 0.5  # a validation run never changes it
+    with pytest.raises(SystemExit):  # trained without a split: "val" would be training images
+        evaluate_main([str(path), "--data", str(data), "--split", "val"])
     with pytest.raises(SystemExit):  # --headline needs the test split
         evaluate_main([*common, "--split", "val", "--headline"])
     evaluate_main([*common, "--headline"])

@@ -207,6 +207,15 @@ def test_sample_evals_equal_solving_each_sample_alone(name):
     assert stats.n_evals == max(alone) and len(set(alone)) > 1
 
 
+def test_sample_evals_of_a_sample_cut_short_by_a_divergence_is_max_iter():
+    f, z_star = linear_problem(batch=2, norm=0.9)
+    blow_up = torch.tensor([1.0, 0.0], dtype=torch.float64)[:, None]
+    g = lambda z: f(z) + blow_up * 1e6 * z.abs().sum(1, keepdim=True) ** 2  # noqa: E731  (sample 0 explodes)
+    _, stats = forward_iteration(g, torch.zeros_like(z_star), tol=1e-8, max_iter=300)
+    assert stats.diverged and stats.n_evals < 300
+    assert stats.sample_evals.tolist() == [300, 300]  # neither reached tol: counted as max_iter
+
+
 def test_sample_evals_of_an_unconverged_sample_is_the_solve_length():
     f, z_star = linear_problem(batch=2, norm=0.99)
     _, stats = forward_iteration(f, torch.zeros_like(z_star), tol=1e-12, max_iter=7)

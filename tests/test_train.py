@@ -184,3 +184,5 @@ def test_bad_budget_options_are_errors(data_dir, tmp_path):
             train.parse_args(bad)
     with pytest.raises(ValueError, match="--val-images 100 leaves no training images"):
         run(data_dir, tmp_path / "o", "--val-images", "100")
+    with pytest.raises(ValueError, match="too short for one training step"):
+        run(data_dir, tmp_path / "o", "--time-budget-s", "1e-9")
