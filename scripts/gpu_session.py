@@ -154,6 +154,8 @@ class Evaluator:
         for key in ("solver", "tol", "max_iter"):
             if key in options:
                 cli += [f"--{key.replace('_', '-')}", str(options[key])]
+        if options.get("flip") is not None:
+            cli.append("--flip" if options["flip"] else "--no-flip")
         if options.get("headline"):
             cli.append("--headline")
         try:
@@ -172,8 +174,9 @@ class Evaluator:
 
 
 def equilibrium(evaluate: Evaluator, ckpt: Path, split: str) -> dict:
-    """Anderson vs forward iteration at the app's defaults on ``split``: the per-solver reports."""
-    return {s: evaluate(ckpt, split, solver=s, **EQUILIBRIUM) for s in ("anderson", "forward")}
+    """Anderson vs forward iteration as the app solves (its defaults, no test-time flips) on
+    ``split``: the per-solver reports."""
+    return {s: evaluate(ckpt, split, solver=s, flip=False, **EQUILIBRIUM) for s in ("anderson", "forward")}
 
 
 def is_real_equilibrium(reports: dict) -> bool:
@@ -208,8 +211,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/gpu"), help="where the runs are trained")
     parser.add_argument("--overwrite", action="store_true", help="replace what --runs holds")
     parser.add_argument("--val-images", type=int, default=5000)
-    parser.add_argument("--seed-budget", type=float, default=240.0)
-    parser.add_argument("--large-budget", type=float, default=200.0)
+    parser.add_argument("--seed-budget", type=float, default=230.0)
+    parser.add_argument("--large-budget", type=float, default=190.0)
     parser.add_argument(
         "--concurrent",
         action="store_true",
