@@ -4,7 +4,7 @@
     python3 scripts/gpu_session.py --out /tmp/smoke --smoke    # the whole script at tiny size, on CPU
 
 What it does, with every run planned for a wall-clock budget (train.py --time-budget-s):
-1. Unpacks the CIFAR-10 JPEG archive (``.data/cifar10-jpeg.tar.xz``) and decodes it once.
+1. Unpacks the CIFAR-10 JPEG archive (``<--data>/cifar10-jpeg.tar.xz``) and decodes it once.
 2. Trains a sweep of seed-size configurations (``fast`` preset, one Jacobian-regulariser weight
    each, concurrent processes; by default the one weight the first session chose), then the
    ``large`` preset (after the sweep, or alongside it with --concurrent). All hold out the same
@@ -14,12 +14,13 @@ What it does, with every run planned for a wall-clock budget (train.py --time-bu
    of the images and needs fewer f-evaluations than forward iteration, median per image), the
    most accurate; if none is, the most accurate of all (its card says so).
 4. Evaluates the chosen seed model and the large model once on the full test set: at their
-   own solver settings (the card's headline accuracy), and at tol 1e-4 / max_iter 100 from
-   z0 = 0 with Anderson and with forward iteration (per-image f-evaluation counts).
+   own solver settings (the card's headline accuracy), and as the app solves: tol 1e-4 /
+   max_iter 100 from z0 = 0, no flips, true float32, with Anderson and with forward iteration
+   (per-image f-evaluation counts).
 5. Runs the CUDA-only tests and the solver and training benchmarks.
 
-What comes back under --out (at most 8 files): checkpoints.tar.gz (checkpoints/seed,
-checkpoints/large, and the sweep's runs under sweep/), summary.json, session.log, logs.tar.gz,
+What comes back under --out (at most 8 files): checkpoints.tar.gz (seed/ = the chosen run,
+large/, and each sweep run, without resume state), summary.json, session.log, logs.tar.gz,
 tests.txt, bench_solvers.txt, bench_training.txt. Everything is written as soon as it exists, so
 a run cut short still returns what it finished.
 """
@@ -227,7 +228,9 @@ def main() -> None:
         default=SEED_SWEEP_JAC,
         help="the seed sweep: one run per Jacobian-regulariser weight",
     )
-    parser.add_argument("--train-args", default="", help="extra train.py options for every run")
+    parser.add_argument(
+        "--train-args", default="", help='extra train.py options for every run, e.g. --train-args="--no-amp"'
+    )
     parser.add_argument("--no-large", action="store_true", help="train the seed sweep only")
     parser.add_argument("--no-bench", action="store_true", help="skip the CUDA tests and benchmarks")
     parser.add_argument(
@@ -236,7 +239,8 @@ def main() -> None:
     args = parser.parse_args()
     args.train_args = args.train_args.split()
     if args.smoke:
-        args.seed_budget, args.large_budget, args.val_images, args.eval_batch = 8.0, 12.0, 100, 100
+        args.seed_budget, args.large_budget = min(args.seed_budget, 8.0), min(args.large_budget, 12.0)
+        args.val_images, args.eval_batch = 100, 100
         args.train_args = ["--limit-train", "200", "--batch-size", "20", "--device", "cpu"]
 
     out, runs = args.out.resolve(), args.runs  # --runs and --data: relative to ROOT, as the cards name them
