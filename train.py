@@ -219,10 +219,12 @@ class Schedule:
         self.total_steps = cfg.epochs * steps_per_epoch
         self.deadline = cfg.time_budget_s  # the budget less a reserve for the last evaluation
 
-    def progress(self, step: int, elapsed: float) -> float:
+    def progress(self, elapsed: float) -> float:
+        """Of the schedule, after ``self.step`` optimizer steps and ``elapsed`` seconds."""
+        by_steps = self.step / self.total_steps
         if self.cfg.time_budget_s > 0:
-            return min(1.0, max(elapsed / self.deadline, step / self.total_steps))
-        return min(1.0, step / self.total_steps)
+            return min(1.0, max(elapsed / self.deadline, by_steps))
+        return min(1.0, by_steps)
 
     def lr(self, progress: float) -> float:
         cfg = self.cfg
@@ -268,7 +270,7 @@ def run_epoch(model, opt, schedule, clock, data, cfg, epoch, device, rank, world
         rank=rank,
         world_size=world,
     ):
-        step_progress = schedule.progress(schedule.step, shared_clock(clock(), device, world))
+        step_progress = schedule.progress(shared_clock(clock(), device, world))
         if step_progress >= 1.0:
             done = True
             break
@@ -306,7 +308,7 @@ def run_epoch(model, opt, schedule, clock, data, cfg, epoch, device, rank, world
                         f_res=f"{info.forward.residual:.1e}", f_it=info.forward.n_evals,
                         b_it=info.backward.n_evals if info.backward else "-")  # fmt: skip
     bar.close()
-    sums["done"] = done or schedule.progress(schedule.step, shared_clock(clock(), device, world)) >= 1.0
+    sums["done"] = done or schedule.progress(shared_clock(clock(), device, world)) >= 1.0
     return sums
 
 

@@ -41,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from deq.checkpoint import CONFIG_NAME, read_config, update_card  # noqa: E402  (after the sys.path line)
+
 PY = sys.executable
 ARCHIVE = "cifar10-jpeg.tar.xz"  # looked for in --data
 EQUILIBRIUM = {"tol": 1e-4, "max_iter": 100}  # the app's defaults, from z0 = 0
@@ -72,12 +74,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sh(args: list[str], out_file: Path | None = None, timeout: float | None = None) -> int:
-    """Run a command to completion (output to out_file, or to ours); its exit status."""
+def sh(args: list[str], out_file: Path, timeout: float) -> int:
+    """Run a command to completion, its output to out_file; its exit status."""
     log("$ " + " ".join(args))
     try:
-        if out_file is None:
-            return subprocess.run(args, cwd=ROOT, timeout=timeout).returncode
         with open(out_file, "w") as fh:
             return subprocess.run(
                 args, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout
@@ -187,10 +187,6 @@ def is_real_equilibrium(reports: dict) -> bool:
     )
 
 
-def read_card(ckpt: Path) -> dict:
-    return json.loads((ckpt / "config.json").read_text())["card"]
-
-
 def pack(out: Path, runs: Path, logs: Path) -> None:
     """checkpoints.tar.gz (no resume state: the runs are finished) and logs.tar.gz."""
     with tarfile.open(out / "checkpoints.tar.gz.tmp", "w:gz") as tar:
@@ -279,10 +275,10 @@ def main() -> None:
     for run in seeds:
         wait(run, grace_s=120)
         ckpt = run.out(runs)
-        if not (ckpt / "config.json").is_file():
+        if not (ckpt / CONFIG_NAME).is_file():
             candidates.append({"run": run.name, "options": run.options, "error": "no checkpoint"})
             continue
-        card = read_card(ckpt)
+        card = read_config(ckpt)["card"]
         reports = equilibrium(evaluate, ckpt, "val")
         candidates.append({
             "run": run.name, "options": run.options, "val_accuracy": card.get("val_accuracy"),
@@ -307,8 +303,6 @@ def main() -> None:
             )
         chosen = runs / "seed"
         shutil.copytree(runs / best["run"], chosen)
-        from deq.checkpoint import update_card
-
         brief = [
             {k: c.get(k) for k in ("run", "options", "val_accuracy", "real_equilibrium")}
             | {f"{s}_median_f_evals": (c.get(s) or {}).get("median_f_evals") for s in ("anderson", "forward")}
@@ -337,7 +331,7 @@ def main() -> None:
         return
 
     wait(large, grace_s=150)
-    if (runs / "large" / "config.json").is_file():
+    if (runs / "large" / CONFIG_NAME).is_file():
         summary["large"] = {"val": equilibrium(evaluate, runs / "large", "val"),
                             "test": test_reports(evaluate, runs / "large")}  # fmt: skip
         save()

@@ -158,14 +158,17 @@ def test_large_preset_trains_with_test_time_flips(data_dir, tmp_path):
 def test_schedule_warms_up_then_anneals_over_steps_or_time():
     cfg, _ = train.parse_args(["--lr", "1e-2", "--min-lr", "1e-4", "--warmup", "0.1", "--epochs", "10"])
     schedule = train.Schedule(cfg, steps_per_epoch=10)
-    assert schedule.progress(50, elapsed=1e6) == 0.5  # epochs mode: steps only
+    schedule.step = 50
+    assert schedule.progress(elapsed=1e6) == 0.5  # epochs mode: steps only
     lrs = [schedule.lr(p / 100) for p in range(101)]
     assert lrs[0] < lrs[5] < lrs[10] == pytest.approx(1e-2)  # linear warm-up
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] == pytest.approx(1e-4)
     timed, _ = train.parse_args(["--time-budget-s", "60", "--epochs", "10"])
     schedule = train.Schedule(timed, steps_per_epoch=10)
-    assert schedule.progress(1, elapsed=30.0) == 0.5 and schedule.progress(1, elapsed=90.0) == 1.0
-    assert schedule.progress(100, elapsed=1.0) == 1.0  # --epochs still caps a budgeted run
+    schedule.step = 1
+    assert schedule.progress(elapsed=30.0) == 0.5 and schedule.progress(elapsed=90.0) == 1.0
+    schedule.step = 100
+    assert schedule.progress(elapsed=1.0) == 1.0  # --epochs still caps a budgeted run
 
 
 def test_time_budget_ends_the_run_with_its_schedule_finished(data_dir, tmp_path):
