@@ -32,7 +32,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from deq import DEQClassifier, ModelConfig
-from deq.checkpoint import LOG_NAME, load_model, load_state, save_checkpoint, save_state, update_card
+from deq.checkpoint import (
+    CONFIG_NAME,
+    LOG_NAME,
+    STATE_NAME,
+    load_model,
+    load_state,
+    read_log,
+    save_checkpoint,
+    save_state,
+    update_card,
+    write_log,
+)
 from deq.data import batches, describe_source, load_cifar10, split_validation
 from deq.evaluate import device_label, evaluate
 
@@ -72,7 +83,8 @@ class TrainConfig:
     limit_test: int = 0
     seed: int = 0
     device: str = "auto"
-    resume: bool = False
+    resume: bool = False  # continue the run saved in --out
+    overwrite: bool = False  # start a new run in an --out that holds one, replacing it
     init_from: str = ""  # start from this checkpoint's weights (fresh optimizer and schedule)
     progress: bool = True
 
@@ -93,9 +105,9 @@ PRESETS: dict[str, dict] = {
         "augment": True, "label_smoothing": 0.1, "test_flip": True, "f_max_iter": 15, "b_max_iter": 10,
         "jac_reg": 3.0, "channels_last": True,
     },
-    # 2h25m of a 2-core CPU, inside the 3-hour budget (measured with `python -m bench.training --recipes`): the "large"
-    # layout (DEQ at 16x16 behind a strided stem) at 64/128 channels does ~2x the training images/s
-    # of the seed layout at 32x32 with 3.7x the parameters (243k); float32, Jacobian weight 3 as on the GPU.
+    # 2h25m of a 2-core CPU, inside a 3-hour budget. The "large" layout (DEQ at 16x16 behind a
+    # strided stem) at 64/128 channels trains ~2x the images/s of the seed layout at 32x32, with
+    # 3.7x the parameters (243k; `python -m bench.training --recipes`); float32, Jacobian weight 3.
     "cpu": {
         "arch": "large", "n_channels": 64, "n_inner_channels": 128, "epochs": 500, "time_budget_s": 8700,
         "val_images": 5000, "batch_size": 64, "lr": 2e-3, "warmup": 0.02, "weight_decay": 5e-5,
@@ -133,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
         parser.error("--val-images must be >= 0")
     if not 0 <= cfg.warmup < 1:
         parser.error("--warmup must be in [0, 1)")
+    if cfg.resume and cfg.overwrite:
+        parser.error("--resume and --overwrite contradict each other: continue the run or replace it")
     return cfg, args.preset
 
 
@@ -206,6 +220,48 @@ def git_commit() -> str:
         return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except OSError:
         return "unknown"
+
+
+#: Options that may differ when a run is resumed: where things are and how it is watched, not
+#: what is trained. Any other difference is refused (the card would misrecord the run).
+RESUMABLE_CHANGES = {"data", "out", "download", "device", "resume", "overwrite", "progress"}
+
+
+def check_out_dir(cfg: TrainConfig, out: Path) -> dict | None:
+    """What --out holds, checked against --resume/--overwrite. Returns the saved training state
+    to continue (with --resume), else None; a new run never silently replaces an old one."""
+    holds_run = any((out / name).exists() for name in (CONFIG_NAME, LOG_NAME, STATE_NAME + ".json"))
+    if not cfg.resume:
+        if holds_run and not cfg.overwrite:
+            raise ValueError(
+                f"--out {out} already holds a training run: pass --resume to continue it or "
+                "--overwrite to replace it (or choose another --out)"
+            )
+        return None
+    if not (out / (STATE_NAME + ".json")).is_file():
+        raise ValueError(
+            f"--resume: {out} holds no saved training state ({STATE_NAME}.json); nothing to continue"
+        )
+    state = load_state(out / STATE_NAME)
+    if "step" not in state:
+        raise ValueError(
+            f"{out}/{STATE_NAME} was written by an older train.py (no step count); "
+            "it cannot be resumed: start a new run"
+        )
+    saved = state.get("config")
+    if saved is None:  # states from before the config was stored in them: the card has it
+        saved = json.loads((out / CONFIG_NAME).read_text())["card"].get("train_config", {})
+    differences = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v
+    ]
+    if differences:
+        raise ValueError(
+            f"--resume: these options differ from the saved run in {out}: {'; '.join(differences)}. "
+            "Resume with the run's own options, or start a new run"
+        )
+    return state
 
 
 # ----------------------------------------------------------------------------- train / eval
@@ -333,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, rank, world = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    state = check_out_dir(cfg, out)  # before the slow data loading: a refused run fails fast
     train_data, test_data = load_data(cfg, device, rank, world)
 
     model = DEQClassifier(model_config(cfg))
@@ -356,18 +413,12 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = Schedule(cfg, steps_per_epoch=math.ceil(len(train_data[1]) / world / cfg.batch_size))
 
     start_epoch, elapsed, log = 0, 0.0, []
-    if cfg.resume and (out / "train_state.json").is_file():
-        state = load_state(out / "train_state")
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        if "step" not in state:
-            raise ValueError(
-                f"{out}/train_state was written by an older train.py (no step count); "
-                "it cannot be resumed: start a new run"
-            )
         start_epoch, elapsed, schedule.step = state["epoch"], state["elapsed"], state["step"]
-        log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()][:start_epoch]
+        log = read_log(out)[:start_epoch]
         if rank == 0:
             print(f"resumed from {out} at epoch {start_epoch}")
 
@@ -441,10 +492,11 @@ def main(argv: list[str] | None = None) -> dict:
             card = {**card_base, "epochs": record["epoch"], f"{split}_accuracy": 1 - record[f"{split}_error"],
                     "train_wall_time_s": elapsed, "finished": finished}  # fmt: skip
             save_checkpoint(model, out, card)
-            (out / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in log))
-            save_state(out / "train_state", {
+            write_log(out, log)
+            save_state(out / STATE_NAME, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
                 "epoch": epoch + 1, "elapsed": elapsed, "step": schedule.step,
+                "config": dataclasses.asdict(cfg),
             })  # fmt: skip
         result = record
         if finished:

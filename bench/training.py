@@ -2,17 +2,22 @@
 
     python -m bench.training                 # CPU, batch 32
     python -m bench.training --device cuda --batch-size 100
+    python -m bench.training --recipes       # whole training recipes side by side (CPU: ~3 min)
 
 1. Training images/s with the exact implicit backward vs the phantom (1-step) backward, same
    forward solve (Anderson, tol 1e-2, max_iter 25 as in SPEC; the same options backward).
 2. Activation memory of the DEQ vs the same cell unrolled for n iterations with ordinary
    backprop, for growing n: bytes of tensors autograd saves for backward (exact, any device),
    plus the CUDA peak allocation when run on a GPU.
+3. With --recipes instead: training images/s of whole train.py recipes (layout, widths, batch,
+   backward, Jacobian regulariser, memory format), every solve running to its max_iter (tol
+   unreachable), so the figures are each recipe's worst case and compare like with like.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -20,6 +25,22 @@ import torch
 import torch.nn.functional as F
 
 from deq import DEQClassifier, DEQFixedPoint, ModelConfig, unroll
+from deq.evaluate import device_label
+
+#: (label, train.py options) of --recipes; "cpu (before)" is the 2-epoch CPU stand-in's recipe.
+RECIPES = (
+    ("cpu (before): seed 48/64, phantom, jac 5, f 8, batch 50",
+     {"backward": "phantom", "jac_reg": 5.0, "f_max_iter": 8, "batch_size": 50}),
+    ("seed 48/64, implicit, jac 3, f 15 / b 10, batch 64",
+     {"jac_reg": 3.0, "f_max_iter": 15, "b_max_iter": 10, "batch_size": 64}),
+    ("seed 48/64, same, channels_last", {"jac_reg": 3.0, "f_max_iter": 15, "b_max_iter": 10,
+                                         "batch_size": 64, "channels_last": True}),
+    ("cpu (now): large 64/128, implicit, jac 3, f 15 / b 10, batch 64", {"preset": "cpu"}),
+    ("cpu (now), channels_last", {"preset": "cpu", "channels_last": True}),
+    ("cpu (now), batch 32", {"preset": "cpu", "batch_size": 32}),
+    ("cpu (now), batch 128", {"preset": "cpu", "batch_size": 128}),
+    ("large 64/96 (cheaper cell), otherwise cpu (now)", {"preset": "cpu", "n_inner_channels": 96}),
+)  # fmt: skip
 
 
 def step_time(model, x, y, opt, sync, repeats: int) -> float:
@@ -49,6 +70,54 @@ def saved_bytes(fn) -> int:
     return total
 
 
+def recipe_step_time(options: dict, device: torch.device, sync, repeats: int) -> tuple[float, int, int]:
+    """(seconds per training step, batch size, parameters) of one train.py recipe."""
+    import train  # the repository root is on sys.path under `python -m bench.training`
+
+    options = dict(options)
+    preset = options.pop("preset", None)
+    cfg = train.TrainConfig(**{**(train.PRESETS[preset] if preset else {}), **options})
+    never = {"f_tol": 1e-30, "b_tol": 1e-30}  # every solve runs to its max_iter
+    torch.manual_seed(0)
+    model = DEQClassifier(train.model_config(train.TrainConfig(**{**cfg.__dict__, **never}))).to(device)
+    x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    times = []
+    for i in range(repeats + 1):  # first step is warm-up
+        sync()
+        t0 = time.perf_counter()
+        logits, info = model(x, return_info=True, jacobian_penalty=cfg.jac_reg > 0)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if info.jacobian_penalty is not None:
+            loss = loss + cfg.jac_reg * info.jacobian_penalty
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), cfg.batch_size, sum(p.numel() for p in model.parameters())
+
+
+def compare_recipes(device: torch.device, sync, repeats: int) -> None:
+    print(f"training recipes (median step of {repeats} after warm-up, best of 2 alternating rounds)")
+    best = {label: math.inf for label, _ in RECIPES}
+    sizes = {}
+    for _ in range(2):  # alternate so machine drift hits every recipe
+        for label, options in RECIPES:
+            t, batch, params = recipe_step_time(options, device, sync, repeats)
+            best[label] = min(best[label], t / batch)
+            sizes[label] = params
+    base = best[RECIPES[0][0]]
+    print(f"{'recipe':<66} {'params':>8} {'images/s':>9} {'vs before':>9}")
+    for label, _ in RECIPES:
+        print(f"{label:<66} {sizes[label]:>8,} {1 / best[label]:>9.1f} {base / best[label]:>8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -56,9 +125,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--recipes", action="store_true", help="compare whole training recipes instead")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if args.recipes:
+        print(f"device {device} ({device_label(device)}), torch threads {torch.get_num_threads()}\n")
+        compare_recipes(device, sync, args.repeats)
+        return
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)

@@ -32,6 +32,9 @@ __all__ = [
     "resolve_checkpoint",
     "save_state",
     "load_state",
+    "write_log",
+    "read_log",
+    "STATE_NAME",
     "WEIGHTS_NAME",
     "CONFIG_NAME",
     "LOG_NAME",
@@ -40,6 +43,7 @@ __all__ = [
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 LOG_NAME = "train_log.jsonl"
+STATE_NAME = "train_state"  # + .safetensors / .json: what --resume continues from
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -65,6 +69,29 @@ def save_checkpoint(model: DEQClassifier, directory: str | Path, card: dict | No
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), {"format": "pt"}))
     _write_json(directory / CONFIG_NAME, {"model": model.config.to_dict(), "card": card or {}})
     return directory
+
+
+def write_log(directory: str | Path, records: list[dict]) -> None:
+    """Rewrite ``directory``/train_log.jsonl with one JSON record per line, atomically."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    _atomic_write(Path(directory) / LOG_NAME, lambda p: p.write_text(text))
+
+
+def read_log(directory: str | Path) -> list[dict]:
+    """The records of ``directory``/train_log.jsonl; ValueError naming the file and line if damaged."""
+    path = Path(directory) / LOG_NAME
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path} line {number} is not JSON ({err}): the training log is damaged"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {number} is not a JSON object: the log is damaged")
+        records.append(record)
+    return records
 
 
 def update_card(directory: str | Path, **fields) -> dict:

@@ -535,10 +535,17 @@ def find_checkpoints(root: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file())
 
 
+#: The app's default model: the first of these present in the checkpoint directory. ``cpu``
+#: (trained on a 2-core CPU) is the one on which Anderson's advantage is measured best; a
+#: GPU-trained model goes first once it beats it.
+DEFAULT_CHECKPOINTS = ("cpu", "seed")
+
+
 def model_sources(root: str | Path, env_model: str | None = None) -> tuple[dict[str, str], str]:
     """({label: path or Hub repo id}, default label) of the models the app offers.
 
-    Default: ``env_model`` (DEQ_MODEL) if given, else ``<root>/seed``, else the first directory.
+    Default: ``env_model`` (DEQ_MODEL) if given, else the first of ``DEFAULT_CHECKPOINTS`` under
+    ``root``, else the first directory.
     Raises FileNotFoundError when there is nothing to offer.
     """
     sources = {p.name: str(p) for p in find_checkpoints(root)}
@@ -552,7 +559,7 @@ def model_sources(root: str | Path, env_model: str | None = None) -> tuple[dict[
             "and DEQ_MODEL is not set. Train one (python train.py --out checkpoints/seed) or set DEQ_MODEL "
             "to a checkpoint directory or a Hugging Face Hub repo id."
         )
-    return sources, "seed" if "seed" in sources else next(iter(sources))
+    return sources, next((name for name in DEFAULT_CHECKPOINTS if name in sources), next(iter(sources)))
 
 
 def load_models(
@@ -629,6 +636,7 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
         lines.extend(_evaluation_line(e))
     if card.get("notes"):
         lines.append(f"- Notes: {card['notes']}")
+    lines.extend(_curve_table(card.get("budget_curve")))
     if card.get("torch"):
         lines.append(f"- torch {card['torch']}")
     if not card:
@@ -652,6 +660,27 @@ def _evaluation_line(e: dict) -> list[str]:
         return [f"- Solved to {how}: "
                 f"{100 * e['converged_fraction']:.1f}% of {e['images']:,} test images converge, "
                 f"{what} {median:g} f-evaluations, accuracy {100 * e['accuracy']:.1f}%{flips}"]  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return []  # a card from elsewhere with other fields: show nothing rather than fail
+
+
+def _curve_table(curve) -> list[str]:
+    """``deq.evaluate --curve --record``'s accuracy-by-budget as a Markdown table ([] if absent)."""
+    if not isinstance(curve, dict):
+        return []
+    try:
+        budgets = [int(k) for k in curve["budgets"]]
+        rows = [(name, [float(a) for a in curve[key]]) for key, name in
+                (("anderson", "Anderson"), ("forward", "forward iteration")) if key in curve]  # fmt: skip
+        if not rows or any(len(accs) != len(budgets) for _, accs in rows):
+            return []
+        where = f" on {curve['device']}" if curve.get("device") else ""
+        head = (f"\n**Accuracy by solver budget** ({curve['images']:,} {curve.get('split', 'test')} images, "
+                f"solves stopped after k f-evaluations or at tol {curve['tol']:g}{where}):\n")  # fmt: skip
+        table = ["| f-evaluations k | " + " | ".join(map(str, budgets)) + " |",
+                 "|---" * (len(budgets) + 1) + "|"]  # fmt: skip
+        table += [f"| {name} | " + " | ".join(f"{100 * a:.1f}%" for a in accs) + " |" for name, accs in rows]
+        return [head, *table]
     except (KeyError, TypeError, ValueError):
         return []  # a card from elsewhere with other fields: show nothing rather than fail
 

@@ -3,6 +3,7 @@ trained with (e.g. solved to the equilibrium rather than for a fixed budget).
 
     python -m deq.evaluate checkpoints/seed-cpu --data data --tol 1e-4 --max-iter 100
     python -m deq.evaluate runs/seed --data data --split val --solver forward   # held-out 5,000
+    python -m deq.evaluate checkpoints/cpu --data data --curve --record       # accuracy vs budget
 
 The f-evaluation counts are per image, as if each image were solved alone (samples of a
 batch never interact): the report gives their mean, median and 90th percentile.
@@ -23,7 +24,12 @@ from .data import batches, load_cifar10, split_validation
 from .model import DEQClassifier
 from .solvers import SolverStats
 
-__all__ = ["predict", "evaluate", "evaluate_checkpoint", "report", "load_split", "device_label"]
+__all__ = [
+    "predict", "evaluate", "evaluate_checkpoint", "budget_curve", "report", "load_split", "device_label",
+]  # fmt: skip
+
+#: f-evaluation budgets of ``budget_curve``: how deep the weight-tied network has to be unrolled.
+CURVE_BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 25, 50)
 
 
 def device_label(device: str | torch.device) -> str:
@@ -148,6 +154,35 @@ def evaluate_checkpoint(
     return result
 
 
+def budget_curve(
+    model: DEQClassifier,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    budgets: tuple[int, ...] = CURVE_BUDGETS,
+    solvers: tuple[str, ...] = ("anderson", "forward"),
+    tol: float = 1e-4,
+    batch_size: int = 100,
+) -> dict:
+    """Accuracy as a function of the solver budget: for each solver and each budget k, the
+    accuracy with ``max_iter=k`` (a solve still stops earlier at ``tol``). Images (N, 3, 32, 32)
+    in [0, 1], labels (N,). Returns {"budgets": [...], solver: [accuracy per budget], ...}."""
+    if not budgets or any(not isinstance(k, int) or k < 1 for k in budgets):
+        raise ValueError(f"budgets must be integers >= 1, got {budgets!r}")
+    if len(labels) == 0:
+        raise ValueError("budget_curve needs at least one image")
+    curve: dict = {"budgets": list(budgets), "tol": tol}
+    for solver in solvers:
+        curve[solver] = [
+            evaluate(model, images, labels, batch_size=batch_size, solver=solver, tol=tol, max_iter=k)[
+                "correct"
+            ]
+            / len(labels)
+            for k in budgets
+        ]
+    return curve
+
+
 def main(argv: list[str] | None = None) -> None:
     from .checkpoint import load_model
 
@@ -181,6 +216,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="average each image's logits with its mirror's (default: as in training)",
     )
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="instead of one evaluation: accuracy at each solver budget "
+        f"{', '.join(map(str, CURVE_BUDGETS))} for Anderson and forward iteration (tol 1e-4 unless --tol)",
+    )
     parser.add_argument("--record", action="store_true", help="add the result to the checkpoint's card")
     parser.add_argument(
         "--headline",
@@ -210,10 +251,22 @@ def main(argv: list[str] | None = None) -> None:
         keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[: args.images]
         images, labels = images[keep], labels[keep]
     images, labels = images.to(args.device), labels.to(args.device)
+    command = " ".join(["python -m deq.evaluate", *(sys.argv[1:] if argv is None else argv)])
+    if args.curve:
+        if args.solver or args.max_iter or args.headline:
+            parser.error("--curve sets the solvers and budgets itself: drop --solver/--max-iter/--headline")
+        curve = budget_curve(model, images, labels, tol=args.tol or 1e-4, batch_size=args.batch_size)
+        result = {"split": args.split, "images": len(labels), **curve,
+                  "device": device_label(args.device), "command": command}  # fmt: skip
+        if args.record:
+            from .checkpoint import update_card
+
+            update_card(args.checkpoint, budget_curve=result)
+        print(json.dumps(result, indent=2))
+        return
     result = evaluate_checkpoint(
         args.checkpoint, model, images, labels, split=args.split,
-        command=" ".join(["python -m deq.evaluate", *(sys.argv[1:] if argv is None else argv)]),
-        solver=args.solver, tol=args.tol, max_iter=args.max_iter, flip=args.flip,
+        command=command, solver=args.solver, tol=args.tol, max_iter=args.max_iter, flip=args.flip,
         batch_size=args.batch_size, record=args.record, headline=args.headline,
     )  # fmt: skip
     print(json.dumps(result, indent=2))

@@ -8,6 +8,7 @@ import gc
 import io
 import json
 import math
+import shutil
 import struct
 import threading
 import time
@@ -424,6 +425,9 @@ def test_model_sources_choose_the_default(tmp_path, tiny_checkpoint):
     assert [p.name for p in find_checkpoints(tmp_path)] == ["a", "b", "seed"]
     assert model_sources(tmp_path) == ({"a": str(tmp_path / "a"), "b": str(tmp_path / "b"),
                                         "seed": str(tmp_path / "seed")}, "seed")  # fmt: skip
+    shutil.copytree(tmp_path / "a", tmp_path / "cpu")  # the CPU-trained model goes first
+    assert model_sources(tmp_path)[1] == "cpu"
+    shutil.rmtree(tmp_path / "cpu")
     (tmp_path / "seed" / "config.json").unlink()
     assert model_sources(tmp_path)[1] == "a"
     sources, default = model_sources(tmp_path, str(tiny_checkpoint))
@@ -477,6 +481,23 @@ def test_card_markdown_shows_the_equilibrium_evaluations_budget_and_notes():
         model
     ) and "(with test-time flips)" in card_markdown(model)
     assert "- Notes: NOT a real equilibrium model" in text
+
+
+def test_card_markdown_shows_the_accuracy_by_budget_table():
+    model = small_model()
+    curve = {"split": "test", "images": 10000, "budgets": [1, 2, 50], "tol": 1e-4, "device": "CPU (x)",
+             "anderson": [0.1, 0.5, 0.8], "forward": [0.1, 0.3, 0.79]}  # fmt: skip
+    model.card = {"budget_curve": curve}
+    lines = card_markdown(model).splitlines()
+    start = next(i for i, line in enumerate(lines) if "Accuracy by solver budget" in line)
+    assert "10,000 test images" in lines[start] and "tol 0.0001 on CPU (x)" in lines[start]
+    assert lines[start + 2 : start + 6] == [
+        "| f-evaluations k | 1 | 2 | 50 |", "|---|---|---|---|",
+        "| Anderson | 10.0% | 50.0% | 80.0% |", "| forward iteration | 10.0% | 30.0% | 79.0% |",
+    ]  # fmt: skip
+    for garbled in ({**curve, "anderson": [0.1]}, {**curve, "budgets": None}, "x"):
+        model.card = {"budget_curve": garbled}
+        assert "Accuracy by solver budget" not in card_markdown(model)
 
 
 def test_training_log_and_figures(tiny_checkpoint, tmp_path):

@@ -17,6 +17,7 @@ from deq.checkpoint import (
     save_checkpoint,
     save_state,
 )
+from deq.data import load_cifar10
 
 
 @pytest.fixture
@@ -145,3 +146,32 @@ def test_evaluate_reports_per_image_counts_and_headline_only_on_request(saved, t
     assert card["test_accuracy"] == test["accuracy"] and card["test_images"] == 20
     assert [(e["split"], e["solver"]["solver"]) for e in card["evaluations"]] == [
         ("val", "forward"), ("test", "anderson")]  # fmt: skip
+
+
+def test_budget_curve_matches_single_budget_evaluations_and_is_recorded(saved, tmp_path, capsys):
+    from test_data import make_cifar_folder
+
+    from deq.evaluate import CURVE_BUDGETS, budget_curve, evaluate
+    from deq.evaluate import main as evaluate_main
+
+    model, path = saved
+    data = make_cifar_folder(tmp_path / "cifar", per_class=1, test_per_class=2)
+    images, labels = load_cifar10(data, "test")
+    curve = budget_curve(model, images, labels, budgets=(1, 3, 200), tol=1e-6)
+    for solver in ("anderson", "forward"):
+        assert len(curve[solver]) == 3
+        for k, accuracy in zip((1, 3, 200), curve[solver], strict=True):
+            one = evaluate(model, images, labels, solver=solver, tol=1e-6, max_iter=k)
+            assert accuracy == one["correct"] / len(labels)
+    # solved to the equilibrium, both solvers give the same classifier
+    assert curve["anderson"][-1] == curve["forward"][-1]
+    for bad in ((), (0, 1), (1.5,)):
+        with pytest.raises(ValueError, match="budgets"):
+            budget_curve(model, images, labels, budgets=bad)
+
+    evaluate_main([str(path), "--data", str(data), "--curve", "--record"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["budgets"] == list(CURVE_BUDGETS) and printed["tol"] == 1e-4 and printed["images"] == 20
+    assert load_model(path).card["budget_curve"] == printed
+    with pytest.raises(SystemExit):
+        evaluate_main([str(path), "--data", str(data), "--curve", "--solver", "forward"])

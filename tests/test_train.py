@@ -78,6 +78,51 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(data_dir
     assert [r["test_error"] for r in logs[0]] == [r["test_error"] for r in logs[1]]
 
 
+def test_a_run_is_never_silently_replaced_or_misrecorded(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(data_dir, out, "--epochs", "1")
+    weights = (out / WEIGHTS_NAME).read_bytes()
+    with pytest.raises(ValueError, match="already holds a training run: pass --resume .* or --overwrite"):
+        run(data_dir, out, "--epochs", "1")
+    assert (out / WEIGHTS_NAME).read_bytes() == weights  # refused before anything was written
+    with pytest.raises(ValueError, match="holds no saved training state"):
+        run(data_dir, tmp_path / "empty", "--resume")
+    with pytest.raises(ValueError, match=r"differ from the saved run.*--epochs 1 -> 2; --lr 0.001 -> 0.5\."):
+        run(data_dir, out, "--epochs", "2", "--lr", "0.5", "--resume")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", "--overwrite"])
+    # where things are and how the run is watched may change; the finished run stays finished
+    assert run(data_dir, out, "--epochs", "1", "--resume", "--progress") == {}
+    assert (out / WEIGHTS_NAME).read_bytes() == weights
+    run(data_dir, out, "--epochs", "1", "--overwrite", "--seed", "1")
+    assert load_model(out).card["train_config"]["seed"] == 1
+
+
+def test_the_training_log_is_written_atomically_and_a_damaged_one_is_named(data_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from deq.checkpoint import read_log, write_log
+
+    write_log(tmp_path, [{"epoch": 1}])
+    real_write_text = Path.write_text
+
+    def write_half_then_die(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        write_log(tmp_path, [{"epoch": 1}, {"epoch": 2, "note": "x" * 100}])
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert read_log(tmp_path) == [{"epoch": 1}] and [p.name for p in tmp_path.iterdir()] == [LOG_NAME]
+
+    out = tmp_path / "run"
+    run(data_dir, out, "--epochs", "2")
+    (out / LOG_NAME).write_text('{"epoch": 1}\n{"epoch": 2, "trunc')
+    with pytest.raises(ValueError, match=r"train_log.jsonl line 2 is not JSON"):
+        run(data_dir, out, "--epochs", "2", "--resume")
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     real_ce, calls = train.F.cross_entropy, {"n": 0}
 
