@@ -74,10 +74,11 @@ def _load() -> tuple[dict, dict, str]:
     checkpoints = Path(os.environ.get("DEQ_CHECKPOINTS") or ROOT / "checkpoints")
     try:
         sources, default = model_sources(checkpoints, os.environ.get("DEQ_MODEL"))
-        models = load_models(sources, default, default_device())
+        # a bad checkpoint found in the directory is skipped (logged); one named in DEQ_MODEL is an error
+        models = load_models(sources, default, default_device(), fallback=not os.environ.get("DEQ_MODEL"))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"app.py cannot start: {err}") from None
-    return sources, models, default
+    return sources, models, default if default in models else next(iter(models))
 
 
 SOURCES, MODELS, DEFAULT_MODEL = _load()

@@ -160,6 +160,13 @@ def load_model(source: str | Path, device: str | torch.device = "cpu") -> DEQCla
         raise FileNotFoundError(f"checkpoint has no {WEIGHTS_NAME}: {weights}") from None
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{weights} is not a readable safetensors file: {err}") from None
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and expected[key].is_floating_point():
+            if not tensor.is_floating_point():
+                raise ValueError(f"{weights}: {key} holds {tensor.dtype} values where floats belong")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{weights}: {key} holds non-finite values (NaN or inf)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

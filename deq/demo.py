@@ -563,18 +563,25 @@ def model_sources(root: str | Path, env_model: str | None = None) -> tuple[dict[
 
 
 def load_models(
-    sources: dict[str, str], default: str, device: str | torch.device = "cpu"
+    sources: dict[str, str], default: str, device: str | torch.device = "cpu", fallback: bool = False
 ) -> dict[str, DEQClassifier]:
-    """Load every model once. The default one must load (its error propagates, with a clear
-    message); another that does not is left out with a logged warning."""
-    models = {default: load_model(sources[default], device)}
-    for label, source in sources.items():
-        if label == default:
-            continue
+    """Load every model once. A model that does not load is left out with a logged warning,
+    except the default one: its error propagates (with a clear message) unless ``fallback``
+    (the default was not asked for by name), when the others still serve. Raises the default's
+    error when nothing loads."""
+    models: dict[str, DEQClassifier] = {}
+    default_error: Exception | None = None
+    for label in [default, *(label for label in sources if label != default)]:
         try:
-            models[label] = load_model(source, device)
+            models[label] = load_model(sources[label], device)
         except (FileNotFoundError, ValueError) as err:
-            log.warning("left out checkpoint %s: %s", source, err)
+            if label == default:
+                if not fallback:
+                    raise
+                default_error = err
+            log.warning("left out checkpoint %s: %s", sources[label], err)
+    if not models and default_error is not None:  # with fallback only: else the default raised
+        raise default_error
     return {label: models[label] for label in sources if label in models}
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
 
-from .layer import DEQFixedPoint, DEQInfo
+from .layer import BACKWARD_MODES, DEQFixedPoint, DEQInfo
+from .solvers import check_solver_kwargs
 
 __all__ = ["ModelConfig", "ResNetCell", "DEQClassifier", "CIFAR10_CLASSES"]
 
@@ -18,6 +20,14 @@ CIFAR10_CLASSES = (
 ARCHS = ("seed", "large")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+#: (field, smallest, largest) of ModelConfig's integer fields. The caps keep a hostile config
+#: from allocating gigabytes before failing; every shipped model is far inside them.
+_INT_RANGES = (
+    ("n_channels", 1, 1024), ("n_inner_channels", 1, 2048), ("n_groups", 1, 1024), ("n_classes", 1, 1000),
+    ("image_size", 1, 256), ("pool_size", 1, 256), ("phantom_steps", 1, 100),
+)  # fmt: skip
 
 
 def _default_solver_kwargs() -> dict:
@@ -41,6 +51,37 @@ class ModelConfig:
     backward: str = "implicit"
     backward_kwargs: dict | None = None
     phantom_steps: int = 1
+
+    def __post_init__(self) -> None:
+        """Check every field's type and range before anything is built: configs come from
+        JSON files, also from the Hub (untrusted). Raises ValueError naming the field."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        for name, low, high in _INT_RANGES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        for name in ("n_channels", "n_inner_channels"):
+            if (value := getattr(self, name)) % self.n_groups:
+                raise ValueError(f"{name}={value} must be divisible by n_groups={self.n_groups}")
+        if self.arch == "large" and self.n_channels < 2:  # its stem has n_channels // 2
+            raise ValueError(f"n_channels must be >= 2 for arch 'large', got {self.n_channels}")
+        if self.image_size % self.pool_size:
+            raise ValueError(f"pool_size={self.pool_size} must divide image_size={self.image_size}")
+        std = self.init_std
+        if not isinstance(std, (int, float)) or isinstance(std, bool) or not 0 <= std < math.inf:
+            raise ValueError(f"init_std must be a finite number >= 0, got {std!r}")
+        if self.backward not in BACKWARD_MODES:
+            raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        if not isinstance(self.solver_kwargs, dict):
+            raise ValueError(f"solver_kwargs must be a dict, got {type(self.solver_kwargs).__name__}")
+        check_solver_kwargs(self.solver, self.solver_kwargs, "solver_kwargs")
+        if self.backward_kwargs is not None:
+            if not isinstance(self.backward_kwargs, dict):
+                raise ValueError(
+                    f"backward_kwargs must be a dict or null, got {type(self.backward_kwargs).__name__}"
+                )
+            check_solver_kwargs(self.solver, self.backward_kwargs, "backward_kwargs")
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
@@ -91,9 +132,7 @@ class DEQClassifier(nn.Module):
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
-        self.config = config = config or ModelConfig()
-        if config.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {config.arch!r}")
+        self.config = config = config or ModelConfig()  # validated when it was built
         c = config.n_channels
         self.register_buffer("mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1), persistent=False)

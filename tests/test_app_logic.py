@@ -438,7 +438,7 @@ def test_model_sources_choose_the_default(tmp_path, tiny_checkpoint):
         model_sources(tmp_path / "nothing-here")
 
 
-def test_load_models_skips_a_broken_extra_but_not_a_broken_default(tmp_path, tiny_checkpoint):
+def test_load_models_skips_broken_checkpoints_but_not_a_named_default(tmp_path, tiny_checkpoint):
     broken = tmp_path / "broken"
     save_checkpoint(small_model(), broken)
     (broken / "model.safetensors").write_bytes(b"garbage")
@@ -448,6 +448,16 @@ def test_load_models_skips_a_broken_extra_but_not_a_broken_default(tmp_path, tin
         load_models({"ok": str(tiny_checkpoint), "broken": str(broken)}, "broken")
     with pytest.raises(FileNotFoundError):
         load_models({"gone": str(tmp_path / "gone")}, "gone")
+    # found in a directory rather than named: a bad default is skipped, the others still serve
+    bad_config = tmp_path / "bad-config"
+    save_checkpoint(small_model(), bad_config)
+    data = json.loads((bad_config / "config.json").read_text())
+    data["model"]["pool_size"] = 0  # once a ZeroDivisionError that stopped the app
+    (bad_config / "config.json").write_text(json.dumps(data))
+    sources = {"bad-config": str(bad_config), "broken": str(broken), "ok": str(tiny_checkpoint)}
+    assert list(load_models(sources, "bad-config", fallback=True)) == ["ok"]
+    with pytest.raises(ValueError, match="pool_size"):
+        load_models({"bad-config": str(bad_config), "broken": str(broken)}, "bad-config", fallback=True)
 
 
 def test_card_markdown(tiny_checkpoint):

@@ -80,6 +80,52 @@ def test_config_errors(saved):
         load_model(path / WEIGHTS_NAME)
 
 
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("n_groups", 0, "n_groups must be an integer in"),
+        ("pool_size", 0, "pool_size must be an integer in"),
+        ("pool_size", 5, "pool_size=5 must divide image_size=32"),
+        ("n_channels", "abc", "n_channels must be an integer in"),
+        ("n_channels", -8, "n_channels must be an integer in"),
+        ("n_inner_channels", 1048576, "n_inner_channels must be an integer in"),  # refused at once
+        ("n_channels", 50, "n_channels=50 must be divisible by n_groups=8"),
+        ("init_std", None, "init_std must be a finite number"),
+        ("arch", ["seed"], "arch must be one of"),
+        ("solver", "newton", "solver must be one of"),
+        ("solver_kwargs", {"tol": -1}, "tol must be a positive"),
+        ("backward_kwargs", "fast", "backward_kwargs must be a dict or null"),
+        ("phantom_steps", 2.5, "phantom_steps must be an integer in"),
+    ],
+)
+def test_every_config_field_is_checked_before_anything_is_built(saved, field, value, message):
+    _, path = saved
+    data = json.loads((path / CONFIG_NAME).read_text())
+    data["model"][field] = value
+    (path / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        load_model(path)
+
+
+def test_weights_that_are_not_finite_floats_are_refused(saved):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved
+    state = load_file(str(path / WEIGHTS_NAME))
+    key = next(k for k in state if k.endswith("conv1.weight"))
+    good = state[key].clone()
+    for bad, message in ((float("nan"), "non-finite"), (float("inf"), "non-finite")):
+        state[key] = good.clone()
+        state[key][0, 0, 0, 0] = bad
+        save_file(state, str(path / WEIGHTS_NAME))
+        with pytest.raises(ValueError, match=f"{key} holds {message}"):
+            load_model(path)
+    state[key] = good.to(torch.int32)
+    save_file(state, str(path / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=f"{key} holds torch.int32 values where floats belong"):
+        load_model(path)
+
+
 def test_training_state_round_trip(tmp_path):
     model = DEQClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
