@@ -9,16 +9,20 @@ Two sources, same result ((N, 3, 32, 32) uint8 images, (N,) int64 labels in CIFA
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .model import CIFAR10_CLASSES
+
+log = logging.getLogger(__name__)
 
 __all__ = ["load_cifar10", "split_validation", "batches", "augment", "describe_source"]
 
@@ -71,14 +75,12 @@ def _list_folder(root: Path, split: str) -> list[tuple[Path, int]]:
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if found != sorted(CIFAR10_CLASSES):
         raise ValueError(f"{split_dir} has class folders {found}; {_EXPECTED}")
-    files = [
-        (path, label)
-        for label, name in enumerate(CIFAR10_CLASSES)
-        for path in sorted((split_dir / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise ValueError(f"{split_dir} holds no images; {_EXPECTED}")
+    files = []
+    for label, name in enumerate(CIFAR10_CLASSES):
+        found = [p for p in sorted((split_dir / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:  # training on nine classes while the card says CIFAR-10 would misreport the run
+            raise ValueError(f"class folder {split_dir / name} holds no images; {_EXPECTED}")
+        files += [(path, label) for path in found]
     return files
 
 
@@ -94,7 +96,11 @@ def _decode(path: Path) -> np.ndarray:
 
 
 def _cache_path(root: Path, split: str, files: list[tuple[Path, int]], cache_dir) -> list[Path]:
-    key = hashlib.sha1("\n".join(f"{p.relative_to(root)}:{p.stat().st_size}" for p, _ in files).encode())
+    # keyed on each file's name, size and modification time: a replaced image gets a new cache
+    stats = ((p, p.stat()) for p, _ in files)
+    key = hashlib.sha1(
+        "\n".join(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}" for p, st in stats).encode()
+    )
     name = f"cifar10-{split}-{key.hexdigest()[:12]}.safetensors"
     if cache_dir is not None:
         return [Path(cache_dir) / name]
@@ -106,8 +112,14 @@ def _load_folder(root: Path, split: str, cache_dir) -> tuple[Tensor, Tensor]:
     candidates = _cache_path(root, split, files, cache_dir)
     for cache in candidates:
         if cache.is_file():
-            data = load_file(str(cache))
-            return data["images"], data["labels"]
+            try:
+                data = load_file(str(cache))
+                images, labels = data["images"], data["labels"]
+                if images.shape == (len(files), 3, 32, 32) and labels.shape == (len(files),):
+                    return images, labels
+                log.warning("decoded-image cache %s does not match the data; rebuilding it", cache)
+            except (SafetensorError, OSError, KeyError) as err:
+                log.warning("decoded-image cache %s is unreadable (%s); rebuilding it", cache, err)
     images = torch.from_numpy(np.stack([_decode(p) for p, _ in files]).transpose(0, 3, 1, 2).copy())
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     for cache in candidates:  # first writable place wins; no cache at all is fine too

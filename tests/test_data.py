@@ -52,6 +52,36 @@ def test_missing_or_malformed_data_are_clear_errors(tmp_path):
         load_cifar10(root, "validation")
 
 
+def test_an_empty_class_folder_is_an_error_not_a_nine_class_run(tmp_path):
+    root = make_cifar_folder(tmp_path / "c", per_class=1, test_per_class=1)
+    for image in (root / "train" / "cat").iterdir():
+        image.unlink()
+    with pytest.raises(ValueError, match=r"class folder .*train/cat holds no images"):
+        load_cifar10(root, "train")
+    (root / "test" / "dog").rename(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="class folders"):
+        load_cifar10(root, "test")
+
+
+def test_the_cache_follows_replaced_images_and_survives_corruption(tmp_path, caplog):
+    import os
+
+    root = make_cifar_folder(tmp_path / "c", per_class=1, test_per_class=1, suffix=".bmp")
+    images, _ = load_cifar10(root, "train")
+    target = root / "train" / "airplane" / "0000.bmp"
+    before = target.stat()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(target)  # new pixels, same size (BMP)
+    assert target.stat().st_size == before.st_size
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    again, _ = load_cifar10(root, "train")
+    assert again[0].sum() == 0 and torch.equal(again[1:], images[1:])
+    for cache in (root / ".cache").glob("*.safetensors"):
+        cache.write_bytes(b"garbage")
+    with caplog.at_level("WARNING"):
+        rebuilt, _ = load_cifar10(root, "train")
+    assert torch.equal(rebuilt, again) and "unreadable" in caplog.text and "rebuilding" in caplog.text
+
+
 def test_batches_cover_data_once_and_shard_across_ranks():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 32, 32).contiguous()
     labels = torch.arange(10)
