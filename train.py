@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -152,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if not 0 <= cfg.warmup < 1:
         parser.error("--warmup must be in [0, 1)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {cfg.device}: no CUDA GPU is available here (use --device cpu or auto)")
     if cfg.resume and cfg.overwrite:
         parser.error("--resume and --overwrite contradict each other: continue the run or replace it")
     return cfg, args.preset
@@ -380,9 +385,9 @@ def run_epoch(model, opt, schedule, clock, data, cfg, epoch, device, rank, world
 
 
 def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> None:
-    """Set every BatchNorm's running mean/variance to the exact average over ``images``
-    (uint8 (N, 3, 32, 32), unaugmented) under the current weights. Running averages lag behind
-    weights that move fast; evaluations use these statistics."""
+    """Set every BatchNorm's running mean/variance to the average of its batch statistics over
+    ``images`` (uint8 (N, 3, 32, 32), unaugmented) under the current weights, replacing the
+    running averages, which lag behind weights that move fast. Evaluations use these."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for norm in norms:

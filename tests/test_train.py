@@ -147,12 +147,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
         (["--backward", "exact"], "backward must be one of"),
         (["--m", "0"], "m must be an integer >= 1"),
         (["--preset", "turbo"], "invalid choice"),
+        (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--limit-train", "-5"], "--limit-train must be >= 0"),
+        (["--bn-recalibrate", "-1"], "--bn-recalibrate must be >= 0"),
     ],
 )
 def test_bad_options_are_rejected(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no GPU is")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda"])
+    assert "no CUDA GPU is available here" in capsys.readouterr().err
 
 
 def test_presets_and_overrides():
@@ -162,6 +172,27 @@ def test_presets_and_overrides():
     seed, _ = train.parse_args(["--preset", "seed"])
     assert (seed.lr, seed.min_lr, seed.batch_size, seed.epochs, seed.augment) == (1e-3, 1e-6, 100, 50, False)
     assert (seed.m, seed.f_tol, seed.f_max_iter, seed.b_tol, seed.b_max_iter) == (5, 1e-2, 25, 1e-2, 25)
+
+
+def test_cpu_preset_fits_the_cpu_model_targets():
+    cfg, _ = train.parse_args(["--preset", "cpu"])
+    model = train.DEQClassifier(train.model_config(cfg))
+    assert cfg.arch == "large" and sum(p.numel() for p in model.parameters()) <= 300_000
+    assert (cfg.jac_reg, cfg.bn_recalibrate, cfg.val_images, cfg.amp) == (1.0, 2000, 5000, False)
+    assert cfg.time_budget_s <= 3 * 3600
+
+
+def test_batchnorm_recalibration_sets_exact_statistics_and_keeps_momentum():
+    torch.manual_seed(0)
+    model = train.DEQClassifier(train.ModelConfig(n_channels=16, n_inner_channels=16, n_groups=4))
+    images = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8)
+    stem_bn = model.stem[1]
+    stem_bn.running_mean.fill_(5.0)  # stale
+    train.recalibrate_batchnorm(model, images, batch_size=10)  # equal batches: the exact mean
+    with torch.no_grad():
+        conv = model.stem[0]((images.float() / 255 - model.mean) / model.std)
+    torch.testing.assert_close(stem_bn.running_mean, conv.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert stem_bn.momentum == 0.1 and model.head[0].momentum == 0.1
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
