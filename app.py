@@ -22,6 +22,7 @@ except ImportError:
 
 import gradio as gr
 import torch
+from gradio.utils import get_upload_folder, is_in_or_equal
 
 from deq.demo import (
     SolveSettings,
@@ -38,6 +39,8 @@ from deq.images import MAX_FILE_BYTES, prepare_image, to_preview
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
+EXAMPLE_FILES = frozenset(p.resolve() for p in EXAMPLES)
+MAX_DATA_URL_CHARS = 4 * (MAX_FILE_BYTES // 3 + 1)  # base64 of the largest file accepted
 QUEUE_SIZE = 16  # requests waiting beyond this get "queue is full"
 CONCURRENCY = 2
 
@@ -96,14 +99,30 @@ def uploaded_file(payload: dict | None) -> str | bytes | None:
     if not isinstance(payload, dict):
         raise gr.Error("Expected an image file.", print_exception=False)
     if payload.get("path"):
-        return payload["path"]
+        return _stored_upload(payload["path"])
     url = payload.get("url") or ""
+    if not isinstance(url, str):
+        raise gr.Error("Expected an image file.", print_exception=False)
     if url.startswith("data:") and "," in url:
+        encoded = url.split(",", 1)[1]
+        if len(encoded) > MAX_DATA_URL_CHARS:  # checked before decoding anything
+            raise gr.Error(f"The pasted image is over {MAX_FILE_BYTES // 2**20} MB.", print_exception=False)
         try:
-            return base64.b64decode(url.split(",", 1)[1], validate=True)
+            return base64.b64decode(encoded, validate=True)
         except binascii.Error:
             raise gr.Error("The pasted image is not valid base64 data.", print_exception=False) from None
     raise gr.Error("Upload the image file itself (links are not fetched).", print_exception=False)
+
+
+def _stored_upload(path) -> str:
+    """``path`` if it is a file Gradio stored for a client (its upload/cache folder, where
+    uploads and clicked examples go) or one of the app's examples; any other server path is
+    refused with one message that says nothing about whether it exists."""
+    if isinstance(path, str):
+        resolved = Path(path).resolve()
+        if resolved in EXAMPLE_FILES or is_in_or_equal(resolved, Path(get_upload_folder()).resolve()):
+            return str(resolved)
+    raise gr.Error("Only images uploaded to this app can be read.", print_exception=False)
 
 
 def describe_model(label: str):

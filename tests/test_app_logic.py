@@ -580,14 +580,37 @@ def test_app_solve_generator(app_module):
 
 
 @pytest.mark.parametrize(("name", "make", "message"), BAD_INPUTS)
-def test_app_turns_bad_input_into_a_clear_ui_error(app_module, tmp_path, name, make, message):
+def test_app_turns_bad_input_into_a_clear_ui_error(app_module, tmp_path, monkeypatch, name, make, message):
     gr = pytest.importorskip("gradio")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # stored as Gradio stores an upload
     with pytest.raises(gr.Error, match=message):
         next(
             app_module.solve(
                 {"path": str(make(tmp_path / name))}, app_module.DEFAULT_MODEL, 1.0, -3, 5, -4, 20
             )
         )
+
+
+def test_the_api_never_reads_server_files_it_did_not_store(app_module, tmp_path, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    secret = tmp_path / "server-image.jpg"  # an image on the server, outside Gradio's uploads
+    secret.write_bytes((EXAMPLES / "frog.jpg").read_bytes())
+    args = (app_module.DEFAULT_MODEL, 1.0, -3, 5, -4, 20)
+    refusals = set()
+    for path in (str(secret), str(tmp_path / "missing.jpg"), str(uploads / ".." / secret.name), ["x"], 7):
+        with pytest.raises(gr.Error) as err:
+            next(app_module.solve({"path": path}, *args))
+        refusals.add(err.value.message)
+    assert refusals == {"Only images uploaded to this app can be read."}  # reveals nothing
+    (uploads / "frog.jpg").write_bytes(secret.read_bytes())
+    assert list(app_module.solve({"path": str(uploads / "frog.jpg")}, *args))[-1][1]  # a real upload
+    assert list(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, *args))[-1][1]  # an example
+    huge = "data:image/png;base64," + "A" * (app_module.MAX_DATA_URL_CHARS + 4)
+    with pytest.raises(gr.Error, match="over"):
+        next(app_module.solve({"url": huge, "path": None}, *args))
 
 
 def test_missing_model_is_a_clear_startup_error(app_module, monkeypatch, tmp_path):
