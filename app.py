@@ -23,6 +23,7 @@ except ImportError:
 import gradio as gr
 import torch
 from gradio.utils import get_upload_folder, is_in_or_equal
+from starlette.middleware import Middleware
 
 from deq.demo import (
     SolveSettings,
@@ -36,11 +37,12 @@ from deq.demo import (
     warm_up,
 )
 from deq.images import MAX_FILE_BYTES, prepare_image, to_preview
+from deq.limits import MAX_PASTED_IMAGE_BYTES, RequestBodyLimit
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 EXAMPLE_FILES = frozenset(p.resolve() for p in EXAMPLES)
-MAX_DATA_URL_CHARS = 4 * (MAX_FILE_BYTES // 3 + 1)  # base64 of the largest file accepted
+MAX_DATA_URL_CHARS = 4 * (MAX_PASTED_IMAGE_BYTES // 3 + 1)  # base64 of the largest pasted image
 QUEUE_SIZE = 16  # requests waiting beyond this get "queue is full"
 CONCURRENCY = 2
 
@@ -48,7 +50,12 @@ CONCURRENCY = 2
 CSS = "#image-input img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
 # Gradio 6 takes css in launch(); uploads over the size deq.images accepts are refused before
 # they are stored. Tests launch with the same.
-LAUNCH_KWARGS = {"css": CSS, "max_file_size": MAX_FILE_BYTES}
+# Request bodies are bounded before they are read (deq.limits): JSON ones to a pasted image's size.
+LAUNCH_KWARGS = {
+    "css": CSS,
+    "max_file_size": MAX_FILE_BYTES,
+    "app_kwargs": {"middleware": [Middleware(RequestBodyLimit)]},
+}
 
 INTRO = """
 # Deep Equilibrium Model: watch the solver think
@@ -106,7 +113,10 @@ def uploaded_file(payload: dict | None) -> str | bytes | None:
     if url.startswith("data:") and "," in url:
         encoded = url.split(",", 1)[1]
         if len(encoded) > MAX_DATA_URL_CHARS:  # checked before decoding anything
-            raise gr.Error(f"The pasted image is over {MAX_FILE_BYTES // 2**20} MB.", print_exception=False)
+            raise gr.Error(
+                f"The pasted image is over {MAX_PASTED_IMAGE_BYTES // 2**20} MB: upload the file instead.",
+                print_exception=False,
+            )
         try:
             return base64.b64decode(encoded, validate=True)
         except binascii.Error:

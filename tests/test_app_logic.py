@@ -632,3 +632,46 @@ def test_app_warns_when_a_solver_diverges(app_module, monkeypatch):
     plot, label, table, status, _ = frames[-1]
     assert "**diverged**" in table and "⚠️" in status and "NaN" not in plot.to_json()
     assert label is None or all(math.isfinite(v) for v in label.values())
+
+
+def test_request_body_limit_answers_413_before_or_while_reading():
+    import asyncio
+
+    from deq.limits import RequestBodyLimit
+
+    calls = []
+
+    async def app(scope, receive, send):  # reads the whole body, then answers 200
+        calls.append(scope["path"])
+        while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def run(path, chunks, declared=None):
+        sent = []
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                    for i, c in enumerate(chunks)]  # fmt: skip
+        headers = [] if declared is None else [(b"content-length", str(declared).encode())]
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        limited = RequestBodyLimit(app, max_bytes=10, max_upload_bytes=100)
+        asyncio.run(limited({"type": "http", "path": path, "headers": headers}, receive, send))
+        return [m["status"] for m in sent if m["type"] == "http.response.start"]
+
+    assert run("/gradio_api/queue/join", [b"12345"], declared=5) == [200]
+    assert (
+        run("/gradio_api/queue/join", [b"x"], declared=11) == [413]
+        and calls.count("/gradio_api/queue/join") == 1
+    )
+    assert run("/gradio_api/queue/join", [b"123456", b"123456", b"1"]) == [413]  # one answer only
+    assert run("/gradio_api/upload", [b"x" * 50], declared=50) == [200]
+    assert run("/gradio_api/upload", [b"x"], declared=101) == [413]
+    assert run("/gradio_api/queue/join", [b"x"], declared="lots") == [413]
+    with pytest.raises(ValueError, match="max_bytes"):
+        RequestBodyLimit(app, max_bytes=0)

@@ -65,6 +65,58 @@ def test_corrupt_upload_gets_an_error_and_the_server_keeps_answering(client, tmp
     assert len(curves(plot)) == 2 and len(label["confidences"]) == 5
 
 
+def test_a_raw_api_call_cannot_make_the_server_read_its_own_files(client, tmp_path):
+    server_image = tmp_path / "server-side.jpg"  # outside Gradio's upload folder
+    server_image.write_bytes((EXAMPLES / "cat.jpg").read_bytes())
+    for payload in ({"path": str(server_image)}, {"path": str(tmp_path / "absent.jpg")}):
+        with pytest.raises(AppError, match="Only images uploaded to this app can be read"):
+            client.submit(payload, beta=1.0, log10_tol=-3, m=5, log10_lam=-4, max_iter=30,
+                          api_name="/solve").result()  # fmt: skip
+    assert solve(client, server_image).result()[1]  # the same file uploaded is fine
+
+
+def _post(url: str, headers: dict, body_chunks) -> int:
+    """Status of a raw POST to the app (http.client: no client-side limits)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+    try:
+        conn.putrequest("POST", "/gradio_api/queue/join")
+        for key, value in {"Content-Type": "application/json", **headers}.items():
+            conn.putheader(key, value)
+        conn.endheaders()
+        for chunk in body_chunks:
+            conn.send(chunk)
+        return conn.getresponse().status
+    except (BrokenPipeError, ConnectionResetError):
+        return 413  # the server answered and closed while the body was still being sent
+    finally:
+        conn.close()
+
+
+def test_oversized_request_bodies_are_refused_without_reading_them(client, app_url):
+    import resource
+
+    from deq.limits import MAX_JSON_BODY_BYTES
+
+    def rss_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    before = rss_mb()
+    chunk = b"A" * 2**20
+    for _ in range(5):
+        # declared 400 MB: refused from the header alone
+        assert _post(app_url, {"Content-Length": str(400 * 2**20)}, [b"{"]) == 413
+        # no declared length (chunked): refused once it passes the limit
+        n = MAX_JSON_BODY_BYTES // len(chunk) + 3
+        chunked = (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(n))
+        assert _post(app_url, {"Transfer-Encoding": "chunked"}, [*chunked, b"0\r\n\r\n"]) == 413
+    assert rss_mb() - before < 200  # peak memory of the process (server in a thread) stays bounded
+    assert solve(client, EXAMPLES / "ship.jpg").result()[1]  # and the server keeps answering
+
+
 def test_model_info_endpoint(client):
     card, note, accuracy, residuals, steps = client.predict(api_name="/model_info")
     assert "78.3%" in card and "3 epochs" in note
