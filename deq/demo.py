@@ -44,6 +44,8 @@ __all__ = [
     "card_markdown",
     "read_train_log",
     "training_figures",
+    "trustworthy",
+    "TRUSTED_RESIDUAL",
 ]
 
 log = logging.getLogger(__name__)
@@ -321,6 +323,17 @@ def _agreement(a: SolverResult, f: SolverResult) -> str:
     return f"**Same prediction:** no: Anderson says *{a.prediction}*, forward iteration *{f.prediction}*."
 
 
+#: A solve whose returned iterate is farther than this from a fixed point (relative residual)
+#: has not found the equilibrium the classifier was trained on: its label is not shown.
+TRUSTED_RESIDUAL = 0.1
+
+
+def trustworthy(r: SolverResult) -> bool:
+    """Whether a solver's answer may be shown as the prediction: finite, not diverged, and
+    its iterate within TRUSTED_RESIDUAL of a fixed point (or converged to the user's tol)."""
+    return r.probs is not None and not r.diverged and (r.converged or r.residual <= TRUSTED_RESIDUAL)
+
+
 def _warnings(results: dict[str, SolverResult], settings: SolveSettings) -> list[str]:
     out = []
     for r in results.values():
@@ -328,11 +341,14 @@ def _warnings(results: dict[str, SolverResult], settings: SolveSettings) -> list
         if r.diverged:
             hint = " (try a smaller beta)" if r.solver == "anderson" and settings.beta > 1 else ""
             reason = r.message.removeprefix("diverged: ")
-            out.append(f"{name} diverged ({reason}){hint}; its prediction comes from its best iterate.")
-        if r.probs is None:
+            out.append(f"{name} diverged ({reason}){hint}: its answer is not trustworthy.")
+        elif r.probs is None:
             out.append(f"{name} gave a non-finite output: no prediction from it.")
-    if results and all(r.probs is None for r in results.values()):
-        out.append("No solver reached a usable equilibrium for these settings.")
+        elif not trustworthy(r):
+            out.append(f"{name} stopped at residual {r.residual:.1e}, far from the equilibrium: "
+                       "its answer is not trustworthy.")  # fmt: skip
+    if results and not any(trustworthy(r) for r in results.values()):
+        out.append("No solver reached a usable equilibrium for these settings: no prediction is shown.")
     return out
 
 
@@ -510,9 +526,9 @@ def _frame(fig: go.Figure, progress: _Progress, settings: SolveSettings, final: 
         for r in results.values():
             if r.diverged or not all(math.isfinite(v) for v in r.trace):
                 _mark_divergence(fig, r)
-    # The label: the first solver with a finite answer, preferring one that did not diverge.
-    answered = [r for s in SOLVER_NAMES if (r := results.get(s)) is not None and r.probs is not None]
-    answered.sort(key=lambda r: r.diverged)
+    # The label: the first solver whose answer can be trusted, preferring one that converged.
+    answered = [r for s in SOLVER_NAMES if (r := results.get(s)) is not None and trustworthy(r)]
+    answered.sort(key=lambda r: not r.converged)
     return Frame(
         figure=fig,
         label=top_classes(answered[0].probs) if answered else None,

@@ -36,6 +36,7 @@ from deq.demo import (
     stream_solve,
     top_classes,
     training_figures,
+    trustworthy,
     warm_up,
 )
 from deq.images import MAX_PIXELS, load_image, prepare_image
@@ -352,6 +353,21 @@ def test_divergence_is_shown_and_warned_never_a_nan_label():
     assert any("diverged" in a["text"] for a in figure_json(final.figure)["layout"]["annotations"])
     for frame in frames:  # a label, if any, from a finite best iterate: no NaN
         assert frame.label is None or all(math.isfinite(v) for v in frame.label.values())
+    # both diverged: their best iterates are no equilibrium, so no confident label is shown
+    assert final.label is None and any("no prediction is shown" in w for w in final.warnings)
+
+
+def test_only_a_trustworthy_solve_gives_the_label():
+    def result(**kw):
+        base = dict(solver="anderson", trace=[1.0], n_evals=1, residual=1e-5, converged=True,
+                    diverged=False, message="", wall_s=0.1, probs=[0.1] * 10)  # fmt: skip
+        return SolverResult(**{**base, **kw})
+
+    assert trustworthy(result())
+    assert trustworthy(result(converged=False, residual=0.05))  # stopped at max_iter, close
+    assert not trustworthy(result(converged=False, residual=1.0))  # the frog-at-100% case
+    assert not trustworthy(result(diverged=True, converged=False, residual=1e-3))
+    assert not trustworthy(result(probs=None))
 
 
 class Scale(torch.nn.Module):
