@@ -137,7 +137,7 @@ def _stored_upload(path) -> str:
 
 def describe_model(label: str):
     """Model card, training-log note and the three training charts of one model."""
-    model = MODELS.get(label)
+    model = MODELS.get(label) if isinstance(label, str) else None
     if model is None:
         raise gr.Error(f"Unknown model; choose one of {sorted(MODELS)}.", print_exception=False)
     records = TRAIN_LOGS.get(label, [])
@@ -156,7 +156,8 @@ def solve(image: dict | None, model_label: str, beta: float, log10_tol: float, m
     if image is None:
         yield None, None, "", "Upload an image or pick an example.", None
         return
-    model = MODELS.get(model_label or DEFAULT_MODEL)
+    model_label = model_label or DEFAULT_MODEL
+    model = MODELS.get(model_label) if isinstance(model_label, str) else None
     if model is None:
         raise gr.Error(f"Unknown model; choose one of {sorted(MODELS)}.", print_exception=False)
     try:

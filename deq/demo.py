@@ -84,6 +84,8 @@ class SolveSettings:
         """From the sliders (tol and lam as powers of ten); raises ValueError on bad values."""
         try:
             values = [float(v) for v in (beta, log10_tol, m, log10_lam, max_iter)]
+        except OverflowError:  # an integer beyond float range, e.g. max_iter = 10**400
+            raise ValueError("Solver settings are out of range.") from None
         except (TypeError, ValueError):
             raise ValueError("Solver settings must be numbers.") from None
         if not all(math.isfinite(v) for v in values):

@@ -585,8 +585,13 @@ def test_app_solve_generator(app_module):
     assert list(app_module.solve({"url": data_url, "path": None}, *args))[-1][1] == label
     with pytest.raises(gr.Error, match="links are not fetched"):
         next(app_module.solve({"url": "https://example.com/x.png", "path": None}, *args))
-    with pytest.raises(gr.Error, match="Unknown model"):
-        next(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, "nope", *args[1:]))
+    for bad_label in ("nope", ["a", "list"], {"a": 1}):
+        with pytest.raises(gr.Error, match="Unknown model"):
+            next(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, bad_label, *args[1:]))
+        with pytest.raises(gr.Error, match="Unknown model"):
+            app_module.describe_model(bad_label)
+    with pytest.raises(gr.Error, match="out of range"):  # once {"error": null} and a traceback
+        next(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, *args[:-1], 10**400))
     with pytest.raises(gr.Error, match="beta"):
         next(
             app_module.solve(
