@@ -3,9 +3,11 @@
     python -m deq.hub --checkpoint checkpoints/seed --model-repo you/deq-cifar10
     python -m deq.hub --space you/deq-demo                     # app + examples + checkpoints/
     python -m deq.hub --checkpoint checkpoints/seed --model-repo you/deq-cifar10 --space you/deq-demo
-    python -m deq.hub ... --dry-run                            # list the uploads, touch nothing
+    python -m deq.hub ... --dry-run          # list the uploads and the Space deletions, change nothing
 
-Repos are created when missing and updated otherwise (one commit each). The token comes from
+Repos are created when missing and updated otherwise (one commit each). Before it changes
+anything it lists what it will upload and which Space files it will delete, and asks; ``--yes``
+skips the question (needed where there is no terminal to answer it). The token comes from
 --token, HF_TOKEN or ``hf auth login``. ``load_model("you/deq-cifar10")`` then loads the model,
 and ``DEQ_MODEL=you/deq-cifar10 python app.py`` serves it.
 """
@@ -13,6 +15,7 @@ and ``DEQ_MODEL=you/deq-cifar10 python app.py`` serves it.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import shutil
 import sys
 import tempfile
@@ -22,7 +25,10 @@ from huggingface_hub import HfApi
 
 from .checkpoint import CONFIG_NAME, LOG_NAME, WEIGHTS_NAME, load_model
 
-__all__ = ["checkpoint_files", "space_files", "model_readme", "push_checkpoint", "push_space", "main"]
+__all__ = [
+    "checkpoint_files", "space_files", "space_deletions", "model_readme", "push_checkpoint", "push_space",
+    "main",
+]  # fmt: skip
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: What a Space needs, as globs relative to the repository root (checkpoints/ only where present).
@@ -65,6 +71,22 @@ def space_files(root: str | Path = REPO_ROOT) -> list[str]:
         if required not in found:
             raise FileNotFoundError(f"{root} has no {required}: not the demo's repository?")
     return sorted(found)
+
+
+def space_deletions(space_id: str, files: list[str], api: HfApi) -> list[str]:
+    """Files of the Space that an update with ``files`` deletes (they match SPACE_DELETE_PATTERNS,
+    as upload_folder matches them, and are not uploaded again); [] for a Space not created yet."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        remote = api.list_repo_files(space_id, repo_type="space")
+    except RepositoryNotFoundError:
+        return []
+    keep = set(files)
+    return sorted(
+        path for path in remote
+        if path not in keep and any(fnmatch.fnmatch(path, pattern) for pattern in SPACE_DELETE_PATTERNS)
+    )  # fmt: skip
 
 
 def has_space_front_matter(readme: Path) -> bool:
@@ -191,26 +213,56 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--private", action="store_true", help="create new repos as private")
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login)")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no Hub access")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the uploads and the Space deletions; change nothing"
+    )
+    parser.add_argument("--yes", action="store_true", help="do not ask before uploading and deleting")
     args = parser.parse_args(argv)
     if bool(args.checkpoint) != bool(args.model_repo):
         parser.error("--checkpoint and --model-repo go together")
     if not (args.model_repo or args.space):
         parser.error("nothing to do: give --checkpoint/--model-repo and/or --space")
     try:
-        common = {"token": args.token, "private": args.private, "dry_run": args.dry_run}
-        verb = "would upload" if args.dry_run else "uploaded"
+        common = {"token": args.token, "private": args.private}
+        plan = []
         if args.model_repo:
-            names = push_checkpoint(args.checkpoint, args.model_repo, **common)
-            print(f"model repo {args.model_repo}: {verb} {', '.join(names)}")
+            names = push_checkpoint(args.checkpoint, args.model_repo, **common, dry_run=True)
+            plan.append(f"model repo {args.model_repo}: upload {', '.join(names)}")
         if args.space:
-            paths = push_space(args.space, args.root, **common)
-            print(f"space {args.space} (sdk gradio): {verb} {len(paths)} files:")
-            print("".join(f"  {p}\n" for p in paths), end="")
+            paths = push_space(args.space, args.root, **common, dry_run=True)
+            plan.append(f"space {args.space} (sdk gradio): upload {len(paths)} files:")
+            plan.append("".join(f"  {p}\n" for p in paths).rstrip("\n"))
+            try:
+                deletions = space_deletions(args.space, paths, _api(None, args.token))
+                plan.append(f"space {args.space}: delete {len(deletions)} files no longer part of the app"
+                            + "".join(f"\n  {p}" for p in deletions))  # fmt: skip
+            except Exception as err:  # offline, no access: say so rather than guess
+                plan.append(f"space {args.space}: cannot list its files to show deletions ({err})")
+        print("\n".join(plan))
+        if args.dry_run:
+            print("dry run: nothing was changed")
+            return 0
+        if not args.yes and not _confirm("Upload (and delete) as listed? [y/N] "):
+            print("nothing was changed", file=sys.stderr)
+            return 1
+        if args.model_repo:
+            push_checkpoint(args.checkpoint, args.model_repo, **common)
+            print(f"model repo {args.model_repo}: uploaded")
+        if args.space:
+            push_space(args.space, args.root, **common)
+            print(f"space {args.space}: uploaded")
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _confirm(question: str) -> bool:
+    """A yes from the terminal; False without one (no terminal: pass --yes)."""
+    if not sys.stdin.isatty():
+        print("no terminal to confirm on: pass --yes to upload without asking", file=sys.stderr)
+        return False
+    return input(question).strip().lower() in ("y", "yes")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import yaml
@@ -25,6 +24,12 @@ class FakeApi:
         self.token = token
         self.calls: list[tuple[str, tuple, dict]] = []
         self.uploaded: dict[str, dict[str, bytes]] = {}
+
+    remote_files: list[str] = []
+
+    def list_repo_files(self, repo_id, **kw):
+        self.calls.append(("list_repo_files", (repo_id,), kw))
+        return list(self.remote_files)
 
     def create_repo(self, repo_id, **kw):
         self.calls.append(("create_repo", (repo_id,), kw))
@@ -100,22 +105,43 @@ def push_argv(checkpoint) -> list[str]:
     return ["--checkpoint", str(checkpoint), "--model-repo", "someone/m", "--space", "someone/s"]
 
 
-def test_cli_dry_run_touches_nothing(tiny_checkpoint, capsys, monkeypatch):
-    monkeypatch.setattr(hub, "HfApi", mock.Mock(side_effect=AssertionError("no Hub access in a dry run")))
+def test_cli_dry_run_lists_uploads_and_deletions_and_changes_nothing(tiny_checkpoint, capsys, monkeypatch):
+    apis = []
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: apis.append(FakeApi(token)) or apis[-1])
+    remote = ["app.py", "deq/old_module.py", "checkpoints/gone/config.json", "notes.txt"]
+    monkeypatch.setattr(FakeApi, "remote_files", remote)
     assert hub.main([*push_argv(tiny_checkpoint), "--dry-run"]) == 0
     out = capsys.readouterr().out
+    assert "model repo someone/m: upload model.safetensors, config.json, train_log.jsonl, README.md" in out
+    assert "space someone/s (sdk gradio): upload" in out and "  app.py\n" in out
     assert (
-        "model repo someone/m: would upload model.safetensors, config.json, train_log.jsonl, README.md" in out
+        "delete 2 files no longer part of the app\n  checkpoints/gone/config.json\n  deq/old_module.py" in out
     )
-    assert "space someone/s (sdk gradio): would upload" in out and "  app.py\n" in out
+    assert "nothing was changed" in out
+    assert [c[0] for a in apis for c in a.calls] == ["list_repo_files"]  # read only
+
+
+def test_cli_asks_before_it_changes_anything(tiny_checkpoint, monkeypatch, capsys):
+    apis = []
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: apis.append(FakeApi(token)) or apis[-1])
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False, raising=False)
+    assert hub.main(push_argv(tiny_checkpoint)) == 1  # no terminal, no --yes: nothing happens
+    assert "pass --yes" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr("builtins.input", lambda question: "n")
+    assert hub.main(push_argv(tiny_checkpoint)) == 1
+    assert not [c for a in apis for c in a.calls if c[0] != "list_repo_files"]
+    monkeypatch.setattr("builtins.input", lambda question: "y")
+    assert hub.main(push_argv(tiny_checkpoint)) == 0
+    assert [c[0] for c in apis[-2].calls + apis[-1].calls] == ["create_repo", "upload_folder"] * 2
 
 
 def test_cli_pushes_with_the_api(tiny_checkpoint, monkeypatch, capsys):
     apis = []
     monkeypatch.setattr(hub, "HfApi", lambda token=None: apis.append(FakeApi(token)) or apis[-1])
-    assert hub.main([*push_argv(tiny_checkpoint), "--token", "t"]) == 0
-    assert [a.token for a in apis] == ["t", "t"]
-    assert [c[0] for a in apis for c in a.calls] == ["create_repo", "upload_folder"] * 2
+    assert hub.main([*push_argv(tiny_checkpoint), "--token", "t", "--yes"]) == 0
+    assert {a.token for a in apis} == {"t"}
+    assert [c[0] for a in apis for c in a.calls] == ["list_repo_files"] + ["create_repo", "upload_folder"] * 2
     assert "uploaded" in capsys.readouterr().out
 
 
