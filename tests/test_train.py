@@ -178,7 +178,7 @@ def test_cpu_preset_fits_the_cpu_model_targets():
     cfg, _ = train.parse_args(["--preset", "cpu"])
     model = train.DEQClassifier(train.model_config(cfg))
     assert cfg.arch == "large" and sum(p.numel() for p in model.parameters()) <= 300_000
-    assert (cfg.jac_reg, cfg.bn_recalibrate, cfg.val_images, cfg.amp) == (1.0, 2000, 5000, False)
+    assert (cfg.jac_reg, cfg.bn_recalibrate, cfg.val_images, cfg.amp) == (2.0, 2000, 5000, False)
     assert cfg.time_budget_s <= 3 * 3600
 
 
