@@ -1,7 +1,7 @@
 """Evaluate a classifier on a labelled set, optionally with other solver settings than it was
 trained with (e.g. solved to the equilibrium rather than for a fixed budget).
 
-    python -m deq.evaluate checkpoints/seed-cpu --data data --tol 1e-4 --max-iter 100
+    python -m deq.evaluate checkpoints/cpu --data data --tol 1e-4 --max-iter 100
     python -m deq.evaluate runs/seed --data data --split val --solver forward   # held-out 5,000
     python -m deq.evaluate checkpoints/cpu --data data --curve --record       # accuracy vs budget
 

@@ -441,10 +441,11 @@ def test_model_sources_choose_the_default(tmp_path, tiny_checkpoint):
     assert [p.name for p in find_checkpoints(tmp_path)] == ["a", "b", "seed"]
     assert model_sources(tmp_path) == ({"a": str(tmp_path / "a"), "b": str(tmp_path / "b"),
                                         "seed": str(tmp_path / "seed")}, "seed")  # fmt: skip
-    shutil.copytree(tmp_path / "a", tmp_path / "cpu")  # the CPU-trained model goes first
+    shutil.copytree(tmp_path / "a", tmp_path / "cpu")  # the declared order decides, not the name order
+    assert model_sources(tmp_path)[1] == "seed"
+    (tmp_path / "seed" / "config.json").unlink()
     assert model_sources(tmp_path)[1] == "cpu"
     shutil.rmtree(tmp_path / "cpu")
-    (tmp_path / "seed" / "config.json").unlink()
     assert model_sources(tmp_path)[1] == "a"
     sources, default = model_sources(tmp_path, str(tiny_checkpoint))
     assert default == str(tiny_checkpoint) and list(sources) == [str(tiny_checkpoint), "a", "b"]
