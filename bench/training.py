@@ -35,7 +35,7 @@ RECIPES = (
      {"jac_reg": 3.0, "f_max_iter": 15, "b_max_iter": 10, "batch_size": 64}),
     ("seed 48/64, same, channels_last", {"jac_reg": 3.0, "f_max_iter": 15, "b_max_iter": 10,
                                          "batch_size": 64, "channels_last": True}),
-    ("cpu (now): large 64/128, implicit, jac 3, f 15 / b 10, batch 64", {"preset": "cpu"}),
+    ("cpu (now): large 64/128, implicit, jac 2, f 15 / b 10, batch 64", {"preset": "cpu"}),
     ("cpu (now), channels_last", {"preset": "cpu", "channels_last": True}),
     ("cpu (now), batch 32", {"preset": "cpu", "batch_size": 32}),
     ("cpu (now), batch 128", {"preset": "cpu", "batch_size": 128}),
