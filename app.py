@@ -72,8 +72,8 @@ EXPLAIN = """
 **Reading the chart.** Each point is one evaluation of the cell *f*. Forward iteration converges
 linearly (a straight line on the log axis) at a rate set by how contractive *f* is; Anderson
 acceleration combines the last *m* iterates to extrapolate: on the default `seed` model it needs
-2-6x fewer evaluations on the example images. On a very contractive cell (the `seed-cpu` model)
-forward iteration is already fast and there is little to extrapolate. The dashed line is the
+2-6x fewer evaluations on the example images. On a more contractive cell (the `cpu` model, more
+accurate) forward iteration is already fast and Anderson saves less: 1.2-1.7x on the examples. The dashed line is the
 tolerance: a solver stops below it, or after `max_iter` evaluations. `beta` > 1 over-projects
 (often faster, can diverge), `beta` < 1 damps. Once both have converged they should agree: the
 classifier only looks at z*, not at the path to it.

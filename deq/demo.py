@@ -661,12 +661,17 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
         lines.extend(_evaluation_line(e))
     if card.get("notes"):
         lines.append(f"- Notes: {card['notes']}")
-    lines.extend(_curve_table(card.get("budget_curve")))
     if card.get("torch"):
         lines.append(f"- torch {card['torch']}")
+    lines.extend(_curve_table(card.get("budget_curve")))
     if not card:
         lines.append("- This checkpoint carries no model card.")
     return "\n".join(lines)
+
+
+def _percent(fraction: float) -> str:
+    """One decimal, two where one would round a near-miss up to 100.0%."""
+    return f"{100 * fraction:.2f}%" if 0.9995 <= fraction < 1 else f"{100 * fraction:.1f}%"
 
 
 def _evaluation_line(e: dict) -> list[str]:
@@ -683,7 +688,7 @@ def _evaluation_line(e: dict) -> list[str]:
         flips = " (with test-time flips)" if e.get("flip") else ""
         how = f"tol {solver['tol']:g} (max_iter {solver['max_iter']}) with {solver['solver']}{where}"
         return [f"- Solved to {how}: "
-                f"{100 * e['converged_fraction']:.1f}% of {e['images']:,} test images converge, "
+                f"{_percent(e['converged_fraction'])} of {e['images']:,} test images converge, "
                 f"{what} {median:g} f-evaluations, accuracy {100 * e['accuracy']:.1f}%{flips}"]  # fmt: skip
     except (KeyError, TypeError, ValueError):
         return []  # a card from elsewhere with other fields: show nothing rather than fail
