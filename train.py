@@ -539,6 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
         if finished:
             break
     if world > 1:
+        dist.barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
         dist.destroy_process_group()
     return result
 
