@@ -73,10 +73,10 @@ EXPLAIN = """
 linearly (a straight line on the log axis) at a rate set by how contractive *f* is; Anderson
 acceleration combines the last *m* iterates to extrapolate: on the default `seed` model it needs
 2-6x fewer evaluations on the example images. On a more contractive cell (the `cpu` model, more
-accurate) forward iteration is already fast and Anderson saves less: 1.2-1.7x on the examples. The dashed line is the
-tolerance: a solver stops below it, or after `max_iter` evaluations. `beta` > 1 over-projects
-(often faster, can diverge), `beta` < 1 damps. Once both have converged they should agree: the
-classifier only looks at z*, not at the path to it.
+accurate) forward iteration is already fast and Anderson saves less: 1.2-1.7x on the examples.
+The dashed line is the tolerance: a solver stops below it, or after `max_iter` evaluations.
+`beta` > 1 over-projects (often faster, can diverge), `beta` < 1 damps. Once both have converged
+they should agree: the classifier only looks at z*, not at the path to it.
 """
 
 
@@ -128,10 +128,14 @@ def _stored_upload(path) -> str:
     """``path`` if it is a file Gradio stored for a client (its upload/cache folder, where
     uploads and clicked examples go) or one of the app's examples; any other server path is
     refused with one message that says nothing about whether it exists."""
-    if isinstance(path, str):
-        resolved = Path(path).resolve()
-        if resolved in EXAMPLE_FILES or is_in_or_equal(resolved, Path(get_upload_folder()).resolve()):
-            return str(resolved)
+    try:
+        resolved = Path(path).resolve() if isinstance(path, str) else None
+    except (OSError, ValueError):  # e.g. an embedded NUL byte
+        resolved = None
+    if resolved is not None and (
+        resolved in EXAMPLE_FILES or is_in_or_equal(resolved, Path(get_upload_folder()).resolve())
+    ):
+        return str(resolved)
     raise gr.Error("Only images uploaded to this app can be read.", print_exception=False)
 
 

@@ -622,7 +622,8 @@ def test_the_api_never_reads_server_files_it_did_not_store(app_module, tmp_path,
     secret.write_bytes((EXAMPLES / "frog.jpg").read_bytes())
     args = (app_module.DEFAULT_MODEL, 1.0, -3, 5, -4, 20)
     refusals = set()
-    for path in (str(secret), str(tmp_path / "missing.jpg"), str(uploads / ".." / secret.name), ["x"], 7):
+    outside = (str(secret), str(tmp_path / "missing.jpg"), str(uploads / ".." / secret.name))
+    for path in (*outside, ["x"], 7, "a\x00b"):
         with pytest.raises(gr.Error) as err:
             next(app_module.solve({"path": path}, *args))
         refusals.add(err.value.message)
