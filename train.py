@@ -174,8 +174,7 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         backward_kwargs={"m": cfg.m, "lam": cfg.lam, "tol": cfg.b_tol, "max_iter": cfg.b_max_iter},
         phantom_steps=cfg.phantom_steps,
     )
-    DEQClassifier(config)  # raises ValueError on bad solver options
-    return config
+    return config  # ModelConfig validated every field (ValueError) when it was built
 
 
 # ----------------------------------------------------------------------------- setup
@@ -317,6 +316,16 @@ def shared_clock(seconds: float, device: torch.device, world: int) -> float:
     return float(t)
 
 
+def training_loss(model, x, y, cfg: TrainConfig, device_type: str):
+    """(logits, DEQInfo, cross-entropy, loss to minimise) of one batch: the cross-entropy plus
+    ``cfg.jac_reg`` times the Jacobian penalty, under bf16 autocast when ``cfg.amp``."""
+    with torch.autocast(device_type, torch.bfloat16, enabled=cfg.amp):
+        logits, info = model(x, return_info=True, jacobian_penalty=cfg.jac_reg > 0)
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = ce if info.jacobian_penalty is None else ce + cfg.jac_reg * info.jacobian_penalty
+    return logits, info, ce, loss
+
+
 def run_epoch(model, opt, schedule, clock, data, cfg, epoch, device, rank, world, progress) -> dict:
     """One pass over the training data, or up to the end of the schedule (``sums["done"]``);
     ``clock()`` is the run's elapsed seconds. Returns sums over this rank's samples."""
@@ -352,10 +361,7 @@ def run_epoch(model, opt, schedule, clock, data, cfg, epoch, device, rank, world
             group["lr"] = schedule.lr(step_progress)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
-            logits, info = model(x, return_info=True, jacobian_penalty=cfg.jac_reg > 0)
-            ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            loss = ce if info.jacobian_penalty is None else ce + cfg.jac_reg * info.jacobian_penalty
+        logits, info, ce, loss = training_loss(model, x, y, cfg, device.type)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -77,9 +78,8 @@ def recipe_step_time(options: dict, device: torch.device, sync, repeats: int) ->
     options = dict(options)
     preset = options.pop("preset", None)
     cfg = train.TrainConfig(**{**(train.PRESETS[preset] if preset else {}), **options})
-    never = {"f_tol": 1e-30, "b_tol": 1e-30}  # every solve runs to its max_iter
-    torch.manual_seed(0)
-    model = DEQClassifier(train.model_config(train.TrainConfig(**{**cfg.__dict__, **never}))).to(device)
+    torch.manual_seed(0)  # tol unreachable: every solve runs to its max_iter
+    model = DEQClassifier(train.model_config(dataclasses.replace(cfg, f_tol=1e-30, b_tol=1e-30))).to(device)
     x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
     if cfg.channels_last:
@@ -90,10 +90,7 @@ def recipe_step_time(options: dict, device: torch.device, sync, repeats: int) ->
     for i in range(repeats + 1):  # first step is warm-up
         sync()
         t0 = time.perf_counter()
-        logits, info = model(x, return_info=True, jacobian_penalty=cfg.jac_reg > 0)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        if info.jacobian_penalty is not None:
-            loss = loss + cfg.jac_reg * info.jacobian_penalty
+        loss = train.training_loss(model, x, y, cfg, device.type)[3]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

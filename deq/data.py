@@ -77,10 +77,10 @@ def _list_folder(root: Path, split: str) -> list[tuple[Path, int]]:
         raise ValueError(f"{split_dir} has class folders {found}; {_EXPECTED}")
     files = []
     for label, name in enumerate(CIFAR10_CLASSES):
-        found = [p for p in sorted((split_dir / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        if not found:  # training on nine classes while the card says CIFAR-10 would misreport the run
+        images = [p for p in sorted((split_dir / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not images:  # training on nine classes while the card says CIFAR-10 would misreport the run
             raise ValueError(f"class folder {split_dir / name} holds no images; {_EXPECTED}")
-        files += [(path, label) for path in found]
+        files += [(path, label) for path in images]
     return files
 
 
