@@ -1,18 +1,20 @@
 """Gradio demo: classify an image with a Deep Equilibrium Model and watch its equilibrium solve,
 Anderson acceleration against forward iteration, live. Layout and wiring only: the logic is in
-``deq.demo`` and ``deq.images``.
+``deq.demo`` (see its docstring for the rooms).
 
-    python app.py                                  # model from checkpoints/
+    python app.py                                  # models from checkpoints/
     DEQ_MODEL=owner/name python app.py             # or a local directory / Hugging Face Hub repo
 
 Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (set by Hugging Face Spaces).
+Importing this module loads no model: ``build_demo(catalogue)`` builds the page for the models of
+a ``deq.demo.catalogue.Catalogue``; ``app.demo`` (what ``gradio app.py`` looks for) is built on
+first use from the environment's catalogue.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 try:  # ZeroGPU Spaces: the GPU is attached only inside functions decorated with spaces.GPU
@@ -22,35 +24,30 @@ except ImportError:
 
 import gradio as gr
 import torch
-from gradio.utils import get_upload_folder, is_in_or_equal
+from gradio.utils import get_upload_folder
 from starlette.middleware import Middleware
 
-from deq.demo import (
-    SolveSettings,
-    card_markdown,
-    default_device,
-    load_models,
-    model_sources,
-    read_train_log,
-    stream_solve,
-    training_figures,
-    warm_up,
-)
-from deq.images import MAX_FILE_BYTES, prepare_image, to_preview
-from deq.limits import MAX_PASTED_IMAGE_BYTES, RequestBodyLimit
+from deq.card import card_markdown
+from deq.demo.catalogue import Catalogue, load_catalogue
+from deq.demo.figures import training_figures
+from deq.demo.images import MAX_FILE_BYTES, prepare_image, to_preview
+from deq.demo.inference import SolveSettings
+from deq.demo.limits import RequestBodyLimit
+from deq.demo.stream import stream_solve, warm_up
+from deq.demo.text import input_summary, train_log_note
+from deq.demo.uploads import image_source
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 EXAMPLE_FILES = frozenset(p.resolve() for p in EXAMPLES)
-MAX_DATA_URL_CHARS = 4 * (MAX_PASTED_IMAGE_BYTES // 3 + 1)  # base64 of the largest pasted image
 QUEUE_SIZE = 16  # requests waiting beyond this get "queue is full"
 CONCURRENCY = 2
 
 # Small inputs (CIFAR-10 is 32x32) shown enlarged with sharp pixels.
 CSS = "#image-input img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
-# Gradio 6 takes css in launch(); uploads over the size deq.images accepts are refused before
-# they are stored. Tests launch with the same.
-# Request bodies are bounded before they are read (deq.limits): JSON ones to a pasted image's size.
+# Gradio 6 takes css in launch(); uploads over the size deq.demo.images accepts are refused before
+# they are stored; request bodies are bounded before they are read (deq.demo.limits). Tests
+# launch with the same.
 LAUNCH_KWARGS = {
     "css": CSS,
     "max_file_size": MAX_FILE_BYTES,
@@ -80,117 +77,59 @@ they should agree: the classifier only looks at z*, not at the path to it.
 """
 
 
-def _load() -> tuple[dict, dict, str]:
-    checkpoints = Path(os.environ.get("DEQ_CHECKPOINTS") or ROOT / "checkpoints")
+def _user_error(err: Exception) -> gr.Error:
+    return gr.Error(str(err), print_exception=False)
+
+
+def solve_request(catalogue: Catalogue, payload: dict | None, model_label: str, beta: float, log10_tol: float,
+                  m: float, log10_lam: float, max_iter: float) -> Iterator[tuple]:  # fmt: skip
+    """The solve event: (residual plot, label, table, status, preview) frames while the solvers
+    run. ``payload`` is gr.Image's raw value: the event runs with preprocess=False so that
+    ``deq.demo`` decodes the upload itself and says what is wrong with a bad one."""
     try:
-        sources, default = model_sources(checkpoints, os.environ.get("DEQ_MODEL"))
-        # a bad checkpoint found in the directory is skipped (logged); one named in DEQ_MODEL is an error
-        models = load_models(sources, default, default_device(), fallback=not os.environ.get("DEQ_MODEL"))
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"app.py cannot start: {err}") from None
-    return sources, models, default if default in models else next(iter(models))
-
-
-SOURCES, MODELS, DEFAULT_MODEL = _load()
-TRAIN_LOGS = {label: read_train_log(SOURCES[label]) for label in MODELS}
-if spaces is None or next(MODELS[DEFAULT_MODEL].parameters()).is_cpu:  # ZeroGPU: GPU only inside spaces.GPU
-    warm_up(MODELS[DEFAULT_MODEL])
-
-
-def uploaded_file(payload: dict | None) -> str | bytes | None:
-    """The file behind gr.Image's raw value (the solve runs with preprocess=False so that
-    ``deq.images`` decodes the upload itself and says what is wrong with a bad one, where
-    gr.Image would fail first with a generic error): a local path, or a data: URL's bytes."""
-    if payload is None:
-        return None
-    if not isinstance(payload, dict):
-        raise gr.Error("Expected an image file.", print_exception=False)
-    if payload.get("path"):
-        return _stored_upload(payload["path"])
-    url = payload.get("url") or ""
-    if not isinstance(url, str):
-        raise gr.Error("Expected an image file.", print_exception=False)
-    if url.startswith("data:") and "," in url:
-        encoded = url.split(",", 1)[1]
-        if len(encoded) > MAX_DATA_URL_CHARS:  # checked before decoding anything
-            raise gr.Error(
-                f"The pasted image is over {MAX_PASTED_IMAGE_BYTES // 2**20} MB: upload the file instead.",
-                print_exception=False,
-            )
-        try:
-            return base64.b64decode(encoded, validate=True)
-        except binascii.Error:
-            raise gr.Error("The pasted image is not valid base64 data.", print_exception=False) from None
-    raise gr.Error("Upload the image file itself (links are not fetched).", print_exception=False)
-
-
-def _stored_upload(path) -> str:
-    """``path`` if it is a file Gradio stored for a client (its upload/cache folder, where
-    uploads and clicked examples go) or one of the app's examples; any other server path is
-    refused with one message that says nothing about whether it exists."""
-    try:
-        resolved = Path(path).resolve() if isinstance(path, str) else None
-    except (OSError, ValueError):  # e.g. an embedded NUL byte
-        resolved = None
-    if resolved is not None and (
-        resolved in EXAMPLE_FILES or is_in_or_equal(resolved, Path(get_upload_folder()).resolve())
-    ):
-        return str(resolved)
-    raise gr.Error("Only images uploaded to this app can be read.", print_exception=False)
-
-
-def describe_model(label: str):
-    """Model card, training-log note and the three training charts of one model."""
-    model = MODELS.get(label) if isinstance(label, str) else None
-    if model is None:
-        raise gr.Error(f"Unknown model; choose one of {sorted(MODELS)}.", print_exception=False)
-    records = TRAIN_LOGS.get(label, [])
-    note = (
-        f"Training curves of `{label}`: {len(records)} epochs, from its `train_log.jsonl`."
-        if records
-        else f"`{label}` has no training log (`train_log.jsonl`)."
-    )
-    return card_markdown(model, label), note, *training_figures(records)
-
-
-def solve(image: dict | None, model_label: str, beta: float, log10_tol: float, m: float, log10_lam: float,
-          max_iter: float):  # fmt: skip
-    """Stream (residual plot, label, table, status, preview) while both solvers run."""
-    image = uploaded_file(image)
-    if image is None:
-        yield None, None, "", "Upload an image or pick an example.", None
-        return
-    model_label = model_label or DEFAULT_MODEL
-    model = MODELS.get(model_label) if isinstance(model_label, str) else None
-    if model is None:
-        raise gr.Error(f"Unknown model; choose one of {sorted(MODELS)}.", print_exception=False)
-    try:
+        source = image_source(payload, Path(get_upload_folder()), EXAMPLE_FILES)
+        if source is None:
+            yield None, None, "", "Upload an image or pick an example.", None
+            return
+        model = catalogue.get(model_label or catalogue.default).model
         settings = SolveSettings.from_ui(beta, log10_tol, m, log10_lam, max_iter)
-        prepared = prepare_image(image)
+        prepared = prepare_image(source)
     except ValueError as err:
-        raise gr.Error(str(err), print_exception=False) from None
-    w, h = prepared.original_size
-    about = f"Input: {prepared.format} {w}x{h} ({prepared.mode})" + "".join(f"; {n}" for n in prepared.notes)
-    preview = to_preview(prepared.tensor)
+        raise _user_error(err) from None
+    about, preview = input_summary(prepared), to_preview(prepared.tensor)
     for i, frame in enumerate(stream_solve(model, prepared, settings)):
         if frame.final:
             for warning in frame.warnings:
                 gr.Warning(warning)
-        yield (
-            frame.figure,
-            frame.label,
-            frame.table,
-            f"{frame.status}  \n{about}",
-            preview if i == 0 else gr.skip(),
-        )
+        yield frame.figure, frame.label, frame.table, f"{frame.status}  \n{about}", preview if i == 0 else gr.skip()
 
 
-if spaces is not None:
-    solve = spaces.GPU(solve)
+def describe_model(catalogue: Catalogue, label: str) -> tuple:
+    """(model card, training-log note, accuracy, residual and step charts) of one model."""
+    try:
+        entry = catalogue.get(label)
+    except ValueError as err:
+        raise _user_error(err) from None
+    note = train_log_note(label, len(entry.train_log), entry.log_problem)
+    return card_markdown(entry.model, label), note, *training_figures(entry.train_log)
 
 
-def build_demo() -> gr.Blocks:
-    card, note, accuracy, residuals, steps = describe_model(DEFAULT_MODEL)
+def build_demo(catalogue: Catalogue) -> gr.Blocks:
+    """The page, serving ``catalogue``'s models (its handlers close over it; nothing global)."""
+
+    def solve(image: dict | None, model_label: str, beta: float, log10_tol: float, m: float, log10_lam: float,
+              max_iter: float):  # fmt: skip
+        """Classify an image and stream (residual plot, top-5 label, results table, status, what
+        the model sees) while each solver finds the equilibrium."""
+        yield from solve_request(catalogue, image, model_label, beta, log10_tol, m, log10_lam, max_iter)
+
+    def model_info(label: str):
+        """Model card, training-log note and the three training charts of one model."""
+        return describe_model(catalogue, label)
+
+    if spaces is not None:  # ZeroGPU: the GPU is attached only inside spaces.GPU functions
+        solve = spaces.GPU(solve)
+    card, note, accuracy, residuals, steps = describe_model(catalogue, catalogue.default)
     with gr.Blocks(title="Deep Equilibrium Model: live solver demo") as demo:
         gr.Markdown(INTRO)
         with gr.Tab("Classify and solve"):
@@ -212,7 +151,7 @@ def build_demo() -> gr.Blocks:
                         cache_examples=False,  # explicit: Spaces would otherwise cache (final frames only)
                     )
                     model_choice = gr.Dropdown(
-                        list(MODELS), value=DEFAULT_MODEL, label="Model", visible=len(MODELS) > 1
+                        catalogue.labels, value=catalogue.default, label="Model", visible=len(catalogue.labels) > 1
                     )
                     beta = gr.Slider(0.1, 3.0, value=1.0, step=0.05, label="Anderson beta",
                                      info="mixing: < 1 damped, > 1 over-projected")  # fmt: skip
@@ -253,10 +192,10 @@ def build_demo() -> gr.Blocks:
             api_name="solve",
             trigger_mode="always_last",
             concurrency_limit=CONCURRENCY,
-            preprocess=False,  # see uploaded_file()
+            preprocess=False,  # deq.demo reads the upload itself (solve_request)
         )  # fmt: skip
         model_choice.change(
-            describe_model,
+            model_info,
             inputs=model_choice,
             outputs=[card_md, note_md, accuracy_plot, residual_plot, steps_plot],
             api_name="model_info",
@@ -264,10 +203,29 @@ def build_demo() -> gr.Blocks:
     return demo.queue(max_size=QUEUE_SIZE)
 
 
-demo = build_demo()
+def environment_catalogue() -> Catalogue:
+    """The models the environment names (``deq.demo.catalogue``), the default one warmed up;
+    exits with the reason when there is nothing to serve."""
+    try:
+        catalogue = load_catalogue()
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"app.py cannot start: {err}") from None
+    model = catalogue.get(catalogue.default).model
+    if spaces is None or next(model.parameters()).is_cpu:  # ZeroGPU: the GPU only inside spaces.GPU
+        warm_up(model)
+    return catalogue
+
+
+def __getattr__(name: str):
+    """``app.demo``, built on first use (PEP 562): importing app loads no model."""
+    if name == "demo":
+        demo = globals()["demo"] = build_demo(environment_catalogue())
+        return demo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if __name__ == "__main__":
     # One intra-op thread per request: a single 32x32 image is too little work to split, and
     # concurrent requests then use the cores instead of contending for them.
     torch.set_num_threads(int(os.environ.get("DEQ_THREADS", "1")))
-    demo.launch(**LAUNCH_KWARGS)
+    build_demo(environment_catalogue()).launch(**LAUNCH_KWARGS)

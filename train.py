@@ -24,7 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from deq.checkpoint import (
     CONFIG_NAME,
     LOG_NAME,
     STATE_NAME,
+    EpochRecord,
     load_model,
     load_state,
     read_log,
@@ -45,55 +46,64 @@ from deq.checkpoint import (
     update_card,
     write_log,
 )
-from deq.data import batches, describe_source, load_cifar10, split_validation
+from deq.data import batches, describe_source, load_cifar10, random_subset, split_validation
 from deq.evaluate import device_label, evaluate
+from deq.solvers import SOLVERS, lookup
 
 
 @dataclass
 class TrainConfig:
+    """One training run. ``model`` is the classifier's own config (architecture, solvers); the
+    rest is how it is trained, grouped by concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # --- data
     data: str = "data"
-    out: str = "runs/seed"
     download: bool = False
+    val_images: int = 0  # hold these out of the training set; evaluate on them, never on test
+    augment: bool = False
+    limit_train: int = 0  # 0 = all
+    limit_test: int = 0
+    # --- optimisation and its schedule
     epochs: int = 50  # with time_budget_s: an upper bound only
     time_budget_s: float = 0.0  # > 0: train for this wall time, the schedule planned over it
-    val_images: int = 0  # hold these out of the training set; evaluate on them, never on test
     batch_size: int = 100
     lr: float = 1e-3
     min_lr: float = 1e-6
     warmup: float = 0.0  # fraction of the schedule with a linear warm-up of the learning rate
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
-    augment: bool = False
-    backward: str = "implicit"  # or "phantom"
-    phantom_steps: int = 1
     jac_reg: float = 0.0  # weight of the Jacobian regulariser ||df/dz||_F^2 / dim (0 = off)
-    m: int = 5
-    lam: float = 1e-4
-    f_tol: float = 1e-2
-    f_max_iter: int = 25
-    b_tol: float = 1e-2
-    b_max_iter: int = 25
-    arch: str = "seed"  # or "large"
-    n_channels: int = 48
-    n_inner_channels: int = 64
-    test_flip: bool = False  # average logits over the image and its mirror at evaluation
-    # before each evaluation, recompute BatchNorm statistics on this many training images (0 = off)
-    bn_recalibrate: int = 0
+    # --- evaluation after each epoch
+    test_flip: bool = False  # average logits over the image and its mirror
+    bn_recalibrate: int = 0  # recompute BatchNorm statistics on this many training images first (0 = off)
+    # --- the machine
     amp: bool = False  # bf16 autocast (CUDA)
     channels_last: bool = False
     compile: bool = False  # torch.compile the cell
-    limit_train: int = 0  # 0 = all
-    limit_test: int = 0
     seed: int = 0
     device: str = "auto"
+    progress: bool = True
+    # --- the run's directory
+    out: str = "runs/seed"
     resume: bool = False  # continue the run saved in --out
     overwrite: bool = False  # start a new run in an --out that holds one, replacing it
     init_from: str = ""  # start from this checkpoint's weights (fresh optimizer and schedule)
-    progress: bool = True
 
+
+#: Command-line options that build ``TrainConfig.model`` (the rest are TrainConfig's own fields),
+#: with their defaults. --f-* set the forward solve, --b-* the implicit backward's; a solver's own
+#: options (Anderson's m, lam, beta) come from --solver-option / --backward-option KEY=VALUE and
+#: otherwise are the solver's defaults, written into the model config.
+MODEL_OPTIONS: dict[str, object] = {
+    "arch": "seed", "n_channels": 48, "n_inner_channels": 64, "n_groups": 8, "init_std": 0.01,
+    "solver": "anderson", "f_tol": 1e-2, "f_max_iter": 25, "solver_option": (),
+    "backward": "implicit", "backward_solver": "", "b_tol": 1e-2, "b_max_iter": 25, "backward_option": (),
+    "phantom_steps": 1,
+}  # fmt: skip
 
 PRESETS: dict[str, dict] = {
-    "seed": {},  # the TrainConfig defaults are SPEC's reference recipe
+    "seed": {},  # the defaults are the reference recipe: 50 epochs of Adam, Anderson, implicit backward
     # The GPU presets train for a wall-clock budget, not a number of epochs. float32 (TF32 convs)
     # and Jacobian weight 3: with bf16 or a weaker weight the cells lost their fixed point within
     # 4 epochs on an H200; with a stronger one forward iteration catches up with Anderson.
@@ -125,24 +135,87 @@ PRESETS: dict[str, dict] = {
 }  # fmt: skip
 
 
+def _option_value(text: str):
+    """KEY=VALUE's value: a JSON number/bool/null, else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _solver_options(pairs, argument: str) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key:
+            raise ValueError(f"--{argument} takes KEY=VALUE, got {pair!r}")
+        options[key] = _option_value(value)
+    return options
+
+
+def model_config(options: dict) -> ModelConfig:
+    """The ModelConfig of MODEL_OPTIONS-style options (missing ones take MODEL_OPTIONS' defaults).
+    Raises ValueError naming a bad option."""
+    o = {**MODEL_OPTIONS, **options}
+    forward = lookup(o["solver"])
+    backward = lookup(o["backward_solver"] or o["solver"])
+    own = _solver_options(o["solver_option"], "solver-option")
+    if o["backward_option"] or backward is not forward:
+        backward_own = _solver_options(o["backward_option"], "backward-option")
+    else:
+        backward_own = own  # the same solver backward: the same options
+    solver_kwargs = {**_own_defaults(forward.name), "tol": o["f_tol"], "max_iter": o["f_max_iter"], **own}
+    backward_kwargs = {**_own_defaults(backward.name), "tol": o["b_tol"], "max_iter": o["b_max_iter"],
+                       **backward_own}  # fmt: skip
+    return ModelConfig(
+        arch=o["arch"], n_channels=o["n_channels"], n_inner_channels=o["n_inner_channels"],
+        n_groups=o["n_groups"], init_std=o["init_std"], solver=forward.name, solver_kwargs=solver_kwargs,
+        backward=o["backward"], backward_solver=o["backward_solver"] or None, backward_kwargs=backward_kwargs,
+        phantom_steps=o["phantom_steps"],
+    )  # fmt: skip
+
+
+def _own_defaults(solver: str) -> dict:
+    """A solver's own options with their defaults, so the model config states them."""
+    entry = SOLVERS[solver]
+    return {k: entry.defaults[k] for k in entry.own_options}
+
+
+def config_from_options(options: dict) -> TrainConfig:
+    """A TrainConfig from flat options (a preset merged with command-line options): the
+    MODEL_OPTIONS build its model config, the rest are its fields. Unknown keys: ValueError."""
+    train_fields = {f.name for f in fields(TrainConfig)} - {"model"}
+    unknown = sorted(set(options) - train_fields - set(MODEL_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}")
+    model = model_config({k: v for k, v in options.items() if k in MODEL_OPTIONS})
+    return TrainConfig(model=model, **{k: v for k, v in options.items() if k in train_fields})
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a named recipe; explicit options override its settings")  # fmt: skip
+    defaults = {**MODEL_OPTIONS, **{f.name: f.default for f in fields(TrainConfig) if f.name != "model"}}
+    for name, default in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default: {default})")  # fmt: skip
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE",
+                                help="a solver's own option, e.g. m=6 (repeatable)")  # fmt: skip
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+            choices = sorted(SOLVERS) if name == "solver" else None
+            parser.add_argument(flag, type=type(default), default=None, metavar=name.upper(), choices=choices,
+                                help=f"(default: {default!r})")  # fmt: skip
     args = parser.parse_args(argv)  # unknown options: argparse exits with an error
     values = dict(PRESETS[args.preset]) if args.preset else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
     try:
-        cfg = TrainConfig(**values)
-        model_config(cfg)  # validates solver options and the backward mode
+        cfg = config_from_options(values)  # ModelConfig validates the model and solver options
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     for name in ("epochs", "batch_size"):
@@ -164,24 +237,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     return cfg, args.preset
 
 
-def model_config(cfg: TrainConfig) -> ModelConfig:
-    config = ModelConfig(
-        arch=cfg.arch,
-        n_channels=cfg.n_channels,
-        n_inner_channels=cfg.n_inner_channels,
-        solver_kwargs={"m": cfg.m, "lam": cfg.lam, "tol": cfg.f_tol, "max_iter": cfg.f_max_iter},
-        backward=cfg.backward,
-        backward_kwargs={"m": cfg.m, "lam": cfg.lam, "tol": cfg.b_tol, "max_iter": cfg.b_max_iter},
-        phantom_steps=cfg.phantom_steps,
-    )
-    return config  # ModelConfig validated every field (ValueError) when it was built
-
-
 # ----------------------------------------------------------------------------- setup
 
 
-def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
-    """(device, rank, world size); under torchrun, joins the process group."""
+@dataclass(frozen=True)
+class Process:
+    """Where this process trains: its device and its place in a (possibly distributed) run."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:  # rank 0 logs and writes the checkpoint
+        return self.rank == 0
+
+
+def setup_distributed(cfg: TrainConfig) -> Process:
+    """This process's Process; under torchrun, joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     use_cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
@@ -195,29 +268,50 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    return device, rank, world
+    return Process(device, rank, world)
 
 
-def load_data(cfg: TrainConfig, device: torch.device, rank: int, world: int):
-    if rank == 0:  # rank 0 decodes and caches first; the others then read the cache
+def load_data(cfg: TrainConfig, proc: Process):
+    """((train images, labels), (evaluation images, labels)) on the device: the evaluation set is
+    the validation split held out of the training set when ``val_images``, else the test set."""
+    if proc.main:  # rank 0 decodes and caches first; the others then read the cache
         train = load_cifar10(cfg.data, "train", download=cfg.download)
-    if world > 1:
+    if proc.world > 1:
         dist.barrier()
-    if rank != 0:
+    if not proc.main:
         train = load_cifar10(cfg.data, "train")
     if cfg.val_images:  # held out before --limit-train, so the validation set never changes
         if cfg.val_images >= len(train[1]):
             raise ValueError(f"--val-images {cfg.val_images} leaves no training images (of {len(train[1])})")
         train, test = split_validation(*train, cfg.val_images)
     else:
-        test = load_cifar10(cfg.data, "test", download=cfg.download and rank == 0)
-    if cfg.limit_train:  # a class-balanced prefix of a fixed shuffle, so tiny runs see all classes
-        keep = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(0))[: cfg.limit_train]
-        train = (train[0][keep], train[1][keep])
+        test = load_cifar10(cfg.data, "test", download=cfg.download and proc.main)
+    if cfg.limit_train:  # tiny runs still see every class
+        train = random_subset(*train, cfg.limit_train)
     if cfg.limit_test:
-        keep = torch.randperm(len(test[1]), generator=torch.Generator().manual_seed(0))[: cfg.limit_test]
-        test = (test[0][keep], test[1][keep])
-    return tuple(t.to(device) for t in train), tuple(t.to(device) for t in test)
+        test = random_subset(*test, cfg.limit_test)
+    return tuple(t.to(proc.device) for t in train), tuple(t.to(proc.device) for t in test)
+
+
+def build_model(cfg: TrainConfig, proc: Process) -> tuple[DEQClassifier, torch.nn.Module, dict | None]:
+    """(model, the module to train: DDP-wrapped across processes, lineage for the card when
+    ``init_from`` gives starting weights)."""
+    model = DEQClassifier(cfg.model)
+    lineage = None
+    if cfg.init_from:  # weights only: same architecture, any solver/backward settings
+        init = load_model(cfg.init_from)
+        try:
+            model.load_state_dict(init.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"--init-from {cfg.init_from} does not fit this run's architecture: {err}") from None
+        lineage = {"checkpoint": cfg.init_from, "card": init.card}
+    model = model.to(proc.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.deq.f.forward = torch.compile(model.deq.f.forward)  # keeps state-dict keys
+    net = torch.nn.parallel.DistributedDataParallel(model) if proc.world > 1 else model
+    return model, net, lineage
 
 
 def git_commit() -> str:
@@ -307,11 +401,11 @@ class Schedule:
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def shared_clock(seconds: float, device: torch.device, world: int) -> float:
+def shared_clock(seconds: float, proc: Process) -> float:
     """The largest of the ranks' clocks, so every rank takes the same lr and stops together."""
-    if world == 1:
+    if proc.world == 1:
         return seconds
-    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    t = torch.tensor([seconds], dtype=torch.float64, device=proc.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
@@ -326,34 +420,34 @@ def training_loss(model, x, y, cfg: TrainConfig, device_type: str):
     return logits, info, ce, loss
 
 
-def run_epoch(model, opt, schedule, clock, data, cfg, epoch, device, rank, world, progress) -> dict:
+@dataclass
+class Run:
+    """A training run in progress: what ``run_epoch`` advances and the checkpoint records."""
+
+    cfg: TrainConfig
+    proc: Process
+    model: DEQClassifier
+    net: torch.nn.Module  # what the steps go through (DDP across processes)
+    opt: torch.optim.Optimizer
+    schedule: Schedule
+    elapsed: float = 0.0  # seconds of training and evaluation so far (resumed runs included)
+    log: list[EpochRecord] = field(default_factory=list)
+
+
+def run_epoch(run: Run, data, epoch: int, clock) -> dict:
     """One pass over the training data, or up to the end of the schedule (``sums["done"]``);
     ``clock()`` is the run's elapsed seconds. Returns sums over this rank's samples."""
-    model.train()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + epoch)
-    steps = math.ceil(len(data[1]) / world / cfg.batch_size)
-    sums = {
-        "loss": 0.0,
-        "correct": 0,
-        "n": 0,
-        "f_res": 0.0,
-        "f_evals": 0,
-        "b_res": 0.0,
-        "b_evals": 0,
-        "jac": 0.0,
-    }
+    cfg, proc, opt, schedule = run.cfg, run.proc, run.opt, run.schedule
+    run.net.train()
+    gen = torch.Generator(device=proc.device).manual_seed(cfg.seed * 1000 + epoch)
+    steps = math.ceil(len(data[1]) / proc.world / cfg.batch_size)
+    sums = dict.fromkeys(("loss", "correct", "n", "f_res", "f_evals", "b_res", "b_evals", "jac"), 0.0)
     done = False
+    progress = cfg.progress and proc.main
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-    for x, y in batches(
-        *data,
-        cfg.batch_size,
-        shuffle=True,
-        generator=gen,
-        augment_data=cfg.augment,
-        rank=rank,
-        world_size=world,
-    ):
-        step_progress = schedule.progress(shared_clock(clock(), device, world))
+    for x, y in batches(*data, cfg.batch_size, shuffle=True, generator=gen, augment_data=cfg.augment,
+                        rank=proc.rank, world_size=proc.world):  # fmt: skip
+        step_progress = schedule.progress(shared_clock(clock(), proc))
         if step_progress >= 1.0:
             done = True
             break
@@ -361,7 +455,7 @@ def run_epoch(model, opt, schedule, clock, data, cfg, epoch, device, rank, world
             group["lr"] = schedule.lr(step_progress)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits, info, ce, loss = training_loss(model, x, y, cfg, device.type)
+        logits, info, ce, loss = training_loss(run.net, x, y, cfg, proc.device.type)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -388,7 +482,8 @@ def run_epoch(model, opt, schedule, clock, data, cfg, epoch, device, rank, world
                         f_res=f"{info.forward.residual:.1e}", f_it=info.forward.n_evals,
                         b_it=info.backward.n_evals if info.backward else "-")  # fmt: skip
     bar.close()
-    sums["done"] = done or schedule.progress(shared_clock(clock(), device, world)) >= 1.0
+    sums = reduce_sums(sums, proc)
+    sums["done"] = done or schedule.progress(shared_clock(clock(), proc)) >= 1.0
     return sums
 
 
@@ -411,62 +506,78 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch_si
         norm.momentum = momentum
 
 
-def reduce_sums(sums: dict, device: torch.device, world: int) -> dict:
-    if world > 1:
-        done = sums.pop("done")
-        t = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        sums = {**dict(zip(sums, t.tolist(), strict=True)), "done": done}
+def reduce_sums(sums: dict, proc: Process) -> dict:
+    """Sums over every rank's samples."""
+    if proc.world == 1:
+        return sums
+    t = torch.tensor([float(v) for v in sums.values()], dtype=torch.float64, device=proc.device)
+    dist.all_reduce(t)
+    return dict(zip(sums, t.tolist(), strict=True))
+
+
+def evaluate_epoch(run: Run, train_data, eval_data) -> dict:
+    """Evaluate on the held-out set (BatchNorm statistics recomputed first if asked); keeps the
+    evaluation's time in reserve in the schedule, so the final one fits in the budget too."""
+    cfg, model = run.cfg, run.model
+    t0 = time.perf_counter()
+    if cfg.bn_recalibrate:
+        images, _ = random_subset(*train_data, cfg.bn_recalibrate, seed=cfg.seed)
+        recalibrate_batchnorm(model, images, max(cfg.batch_size, 100))
+    sums = evaluate(model, *eval_data, batch_size=max(cfg.batch_size, 100), amp=cfg.amp, flip=cfg.test_flip)
+    eval_time = shared_clock(time.perf_counter() - t0, run.proc)  # the slowest rank's: one schedule for all
+    run.schedule.deadline = max(cfg.time_budget_s - eval_time, 0.5 * cfg.time_budget_s)
     return sums
 
 
-# ----------------------------------------------------------------------------- main
+def epoch_record(run: Run, tr: dict, te: dict, epoch: int, epoch_time: float, train_time: float,
+                 images_per_epoch: int) -> EpochRecord:  # fmt: skip
+    """The log record of an epoch from the training sums ``tr`` and evaluation sums ``te``."""
+    n, backward = tr["n"], tr["b_evals"] > 0
+    return EpochRecord(
+        epoch=round(epoch + min(1.0, n / images_per_epoch), 3),
+        train_loss=tr["loss"] / n,
+        train_error=1 - tr["correct"] / n,
+        eval_split="val" if run.cfg.val_images else "test",
+        eval_loss=te["loss"] / te["n"],
+        eval_error=1 - te["correct"] / te["n"],
+        forward_residual=tr["f_res"] / n,
+        forward_iters=tr["f_evals"] / n,
+        backward_residual=tr["b_res"] / n if backward else None,
+        backward_iters=tr["b_evals"] / n if backward else None,
+        jacobian_penalty=tr["jac"] / n if run.cfg.jac_reg > 0 else None,
+        eval_forward_residual=te["f_res"] / te["n"],
+        eval_forward_iters=te["f_evals"] / te["n"],
+        lr=run.opt.param_groups[0]["lr"],
+        steps=run.schedule.step,
+        epoch_time_s=epoch_time,
+        train_images_per_s=n / train_time,
+        elapsed_s=run.elapsed,
+    )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg, preset = parse_args(argv)
-    device, rank, world = setup_distributed(cfg)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    state = check_out_dir(cfg, out)  # before the slow data loading: a refused run fails fast
-    train_data, test_data = load_data(cfg, device, rank, world)
+def save_run(run: Run, out: Path, card_base: dict, epoch: int, finished: bool) -> None:
+    """Checkpoint, log and resume state after an epoch (rank 0 only)."""
+    record = run.log[-1]
+    card = {**card_base, "epochs": record.epoch, f"{record.eval_split}_accuracy": 1 - record.eval_error,
+            "train_wall_time_s": run.elapsed, "finished": finished}  # fmt: skip
+    save_checkpoint(run.model, out, card)
+    write_log(out, run.log)
+    save_state(out / STATE_NAME, {
+        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": torch.get_rng_state(),
+        "epoch": epoch + 1, "elapsed": run.elapsed, "step": run.schedule.step,
+        "config": dataclasses.asdict(run.cfg),
+    })  # fmt: skip
 
-    model = DEQClassifier(model_config(cfg))
-    init_card = None
-    if cfg.init_from:  # weights only: same architecture, any solver/backward settings
-        init = load_model(cfg.init_from)
-        try:
-            model.load_state_dict(init.state_dict())
-        except RuntimeError as err:
-            raise ValueError(
-                f"--init-from {cfg.init_from} does not fit this run's architecture: {err}"
-            ) from None
-        init_card = {"checkpoint": cfg.init_from, "card": init.card}
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model.deq.f.forward = torch.compile(model.deq.f.forward)  # keeps state-dict keys
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = Schedule(cfg, steps_per_epoch=math.ceil(len(train_data[1]) / world / cfg.batch_size))
 
-    start_epoch, elapsed, log = 0, 0.0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, elapsed, schedule.step = state["epoch"], state["elapsed"], state["step"]
-        log = read_log(out)[:start_epoch]
-        if rank == 0:
-            print(f"resumed from {out} at epoch {start_epoch}")
-
-    split = "val" if cfg.val_images else "test"  # what each epoch is evaluated on
-    card_base = {
+def card_facts(cfg: TrainConfig, preset: str | None, proc: Process, model, train_data, eval_data,
+               argv: list[str] | None, lineage: dict | None) -> dict:  # fmt: skip
+    """What every checkpoint of the run says about how it was made."""
+    split = "val" if cfg.val_images else "test"
+    facts = {
         "dataset": describe_source(cfg.data),
         "train_images": len(train_data[1]),
-        f"{split}_images": len(test_data[1]),
-        "device": device_label(device) + (f" x{world}" if world > 1 else ""),
+        f"{split}_images": len(eval_data[1]),
+        "device": device_label(proc.device) + (f" x{proc.world}" if proc.world > 1 else ""),
         "torch": torch.__version__,
         "git_commit": git_commit(),
         "command": " ".join(
@@ -476,75 +587,61 @@ def main(argv: list[str] | None = None) -> dict:
         "train_config": dataclasses.asdict(cfg),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    if init_card:  # the lineage of a fine-tuned model
-        card_base["init_from"] = init_card
-    result: dict = {}
+    if lineage:  # the lineage of a fine-tuned model
+        facts["init_from"] = lineage
+    return facts
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train as the command line says; returns the last epoch's log record ({} if none ran)."""
+    cfg, preset = parse_args(argv)
+    proc = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    state = check_out_dir(cfg, out)  # before the slow data loading: a refused run fails fast
+    train_data, eval_data = load_data(cfg, proc)
+    model, net, lineage = build_model(cfg, proc)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = Schedule(cfg, steps_per_epoch=math.ceil(len(train_data[1]) / proc.world / cfg.batch_size))
+    run = Run(cfg, proc, model, net, opt, schedule)
+    start_epoch = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, run.elapsed, schedule.step = state["epoch"], state["elapsed"], state["step"]
+        run.log = read_log(out)[:start_epoch]
+        if proc.main:
+            print(f"resumed from {out} at epoch {start_epoch}")
+    card_base = card_facts(cfg, preset, proc, model, train_data, eval_data, argv, lineage)
+
+    result: dict = {}  # the last record of this invocation
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        clock = functools.partial(lambda start, t0: start + time.perf_counter() - t0, elapsed, t0)
-        tr = reduce_sums(
-            run_epoch(
-                net, opt, schedule, clock, train_data, cfg, epoch, device, rank, world,
-                cfg.progress and rank == 0,
-            ),
-            device,
-            world,
-        )  # fmt: skip
+        clock = functools.partial(lambda start, t0: start + time.perf_counter() - t0, run.elapsed, t0)
+        tr = run_epoch(run, train_data, epoch, clock)
         if not tr["n"]:  # the budget ran out at the end of the last epoch: that one finished the run
-            if not log:
+            if not run.log:
                 raise ValueError(f"--time-budget-s {cfg.time_budget_s:g} is too short for one training step")
-            if rank == 0:
+            if proc.main:
                 update_card(out, finished=True)
             break
         train_time = time.perf_counter() - t0
-        t_eval = time.perf_counter()
-        if cfg.bn_recalibrate:  # a fixed random subset (the training set may be stored class by class)
-            keep = torch.randperm(len(train_data[1]), generator=torch.Generator().manual_seed(cfg.seed))
-            subset = train_data[0][keep[: cfg.bn_recalibrate].to(train_data[0].device)]
-            recalibrate_batchnorm(model, subset, max(cfg.batch_size, 100))
-        te = evaluate(model, *test_data, batch_size=max(cfg.batch_size, 100), amp=cfg.amp, flip=cfg.test_flip)
-        # keep the last evaluation's time in reserve: the final one then fits in the budget too
-        # (the slowest rank's, so that every rank plans the same schedule)
-        eval_time = shared_clock(time.perf_counter() - t_eval, device, world)
-        schedule.deadline = max(cfg.time_budget_s - eval_time, 0.5 * cfg.time_budget_s)
-        elapsed += time.perf_counter() - t0
-        images_per_epoch = len(train_data[1])
-        record = {
-            "epoch": round(epoch + min(1.0, tr["n"] / images_per_epoch), 3),
-            "train_loss": tr["loss"] / tr["n"],
-            "train_error": 1 - tr["correct"] / tr["n"],
-            f"{split}_loss": te["loss"] / te["n"],
-            f"{split}_error": 1 - te["correct"] / te["n"],
-            "forward_residual": tr["f_res"] / tr["n"],
-            "forward_iters": tr["f_evals"] / tr["n"],
-            "backward_residual": tr["b_res"] / tr["n"] if tr["b_evals"] else None,
-            "backward_iters": tr["b_evals"] / tr["n"] if tr["b_evals"] else None,
-            "jacobian_penalty": tr["jac"] / tr["n"] if cfg.jac_reg > 0 else None,
-            f"{split}_forward_residual": te["f_res"] / te["n"],
-            f"{split}_forward_iters": te["f_evals"] / te["n"],
-            "lr": opt.param_groups[0]["lr"],
-            "steps": schedule.step,
-            "epoch_time_s": time.perf_counter() - t0,
-            "train_images_per_s": tr["n"] / train_time,
-            "elapsed_s": elapsed,
-        }
-        log.append(record)
+        te = evaluate_epoch(run, train_data, eval_data)
+        run.elapsed += time.perf_counter() - t0
+        record = epoch_record(run, tr, te, epoch, time.perf_counter() - t0, train_time, len(train_data[1]))
+        run.log.append(record)
+        result = record.to_json()
         finished = tr["done"] or epoch + 1 == cfg.epochs
-        if rank == 0:
-            print(json.dumps(record))
-            card = {**card_base, "epochs": record["epoch"], f"{split}_accuracy": 1 - record[f"{split}_error"],
-                    "train_wall_time_s": elapsed, "finished": finished}  # fmt: skip
-            save_checkpoint(model, out, card)
-            write_log(out, log)
-            save_state(out / STATE_NAME, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                "epoch": epoch + 1, "elapsed": elapsed, "step": schedule.step,
-                "config": dataclasses.asdict(cfg),
-            })  # fmt: skip
-        result = record
+        if proc.main:
+            print(json.dumps(record.to_json()))
+            save_run(run, out, card_base, epoch, finished)
         if finished:
             break
-    if world > 1:
+    if proc.world > 1:
         dist.barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
         dist.destroy_process_group()
     return result

@@ -1,10 +1,24 @@
-"""deq: Deep Equilibrium Models in PyTorch (solvers, implicit layer, CIFAR-10 classifier)."""
+"""deq: Deep Equilibrium Models in PyTorch: solvers and their registry, the implicit layer, the
+CIFAR-10 classifier. The library imports no UI: the web demo's logic lives in ``deq.demo``."""
 
+from .data import CIFAR10_CLASSES
 from .layer import BACKWARD_MODES, DEQFixedPoint, DEQInfo, unroll
-from .model import CIFAR10_CLASSES, DEQClassifier, ModelConfig, ResNetCell
-from .solvers import SOLVERS, SolverStats, anderson, broyden, forward_iteration, get_solver
+from .model import ARCHITECTURES, Architecture, DEQClassifier, ModelConfig, ResNetCell, register_architecture
+from .solvers import (
+    SOLVERS,
+    Solver,
+    SolverStats,
+    anderson,
+    broyden,
+    forward_iteration,
+    get_solver,
+    register_solver,
+    unregister_solver,
+)
 
 __all__ = [
+    "ARCHITECTURES",
+    "Architecture",
     "BACKWARD_MODES",
     "CIFAR10_CLASSES",
     "DEQClassifier",
@@ -13,10 +27,14 @@ __all__ = [
     "ModelConfig",
     "ResNetCell",
     "SOLVERS",
+    "Solver",
     "SolverStats",
     "anderson",
     "broyden",
     "forward_iteration",
     "get_solver",
+    "register_architecture",
+    "register_solver",
+    "unregister_solver",
     "unroll",
 ]

@@ -4,10 +4,13 @@ A checkpoint is a directory::
 
     model.safetensors   the state dict
     config.json         {"model": ModelConfig fields, "card": {data set, accuracy, device, ...}}
-    train_log.jsonl     (optional) one JSON record per training epoch
+    train_log.jsonl     (optional) one ``EpochRecord`` per training epoch
+    train_state.*       (while a run can be resumed) optimizer, schedule and RNG state
 
-The same directory is what ``deq.hub`` pushes to a Hugging Face model repo, so
-``load_model`` takes a local directory or a Hub repo id.
+This module owns all of it: the file names, the train-log schema with its writer and reader,
+the resume state, where the shipped checkpoints live (``CHECKPOINTS_DIR``) and finding
+checkpoints in a directory. The same directory is what ``deq.hub`` pushes to a Hugging Face
+model repo, so ``load_model`` takes a local directory or a Hub repo id.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -25,6 +29,9 @@ from safetensors.torch import load_file, save_file
 from .model import DEQClassifier, ModelConfig
 
 __all__ = [
+    "EpochRecord",
+    "find_checkpoints",
+    "CHECKPOINTS_DIR",
     "save_checkpoint",
     "load_model",
     "read_config",
@@ -45,6 +52,8 @@ CONFIG_NAME = "config.json"
 LOG_NAME = "train_log.jsonl"
 STATE_NAME = "train_state"  # + .safetensors / .json: what --resume continues from
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: The checkpoints shipped with this repository (what the app serves by default).
+CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -71,26 +80,95 @@ def save_checkpoint(model: DEQClassifier, directory: str | Path, card: dict | No
     return directory
 
 
-def write_log(directory: str | Path, records: list[dict]) -> None:
+# ----------------------------------------------------------------------------- the training log
+
+#: The evaluation split of a log record: "val" (held out of the training set) or "test".
+EVAL_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One line of train_log.jsonl: an epoch of training (or the part of one its time budget
+    allowed) and the evaluation after it. Errors are fractions; ``*_iters`` are mean solver
+    f-evaluations per image, ``*_residual`` mean final relative residuals.
+
+    The evaluation was made on ``eval_split``; in the file its fields carry the split as their
+    prefix (``val_error``, ``test_forward_iters``, ...), as every published log has them.
+    """
+
+    epoch: float
+    train_loss: float
+    train_error: float
+    eval_split: str
+    eval_loss: float
+    eval_error: float
+    forward_residual: float | None = None
+    forward_iters: float | None = None
+    backward_residual: float | None = None  # None: no implicit backward solve (phantom gradient)
+    backward_iters: float | None = None
+    jacobian_penalty: float | None = None  # None: trained without the Jacobian regulariser
+    eval_forward_residual: float | None = None
+    eval_forward_iters: float | None = None
+    lr: float | None = None
+    steps: int | None = None
+    epoch_time_s: float | None = None
+    train_images_per_s: float | None = None
+    elapsed_s: float | None = None
+
+    def to_json(self) -> dict:
+        """The record as written to train_log.jsonl."""
+        prefix = self.eval_split + "_"
+        out = {}
+        for key, value in asdict(self).items():
+            if key != "eval_split":
+                out[prefix + key.removeprefix("eval_") if key.startswith("eval_") else key] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> EpochRecord:
+        """Parse one line's object; ValueError on a missing, unknown or non-numeric field."""
+        if not isinstance(data, dict):
+            raise ValueError("a record must be a JSON object")
+        splits = [s for s in EVAL_SPLITS if f"{s}_error" in data]
+        if len(splits) != 1:
+            raise ValueError(f"a record needs exactly one of {[s + '_error' for s in EVAL_SPLITS]}")
+        split, values = splits[0], {"eval_split": splits[0]}
+        names = {f.name for f in fields(cls)}
+        for key, value in data.items():
+            name = "eval_" + key.removeprefix(split + "_") if key.startswith(split + "_") else key
+            if name not in names or name == "eval_split":
+                raise ValueError(f"unknown field {key!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"field {key!r} must be a number or null, got {value!r}")
+            values[name] = value
+        missing = [f.name for f in fields(cls) if f.name not in values and f.default is not None]
+        if missing:
+            raise ValueError(f"missing field(s) {missing}")
+        return cls(**values)
+
+
+def write_log(directory: str | Path, records: list[EpochRecord]) -> None:
     """Rewrite ``directory``/train_log.jsonl with one JSON record per line, atomically."""
-    text = "".join(json.dumps(r) + "\n" for r in records)
+    text = "".join(json.dumps(r.to_json()) + "\n" for r in records)
     _atomic_write(Path(directory) / LOG_NAME, lambda p: p.write_text(text))
 
 
-def read_log(directory: str | Path) -> list[dict]:
-    """The records of ``directory``/train_log.jsonl; ValueError naming the file and line if damaged."""
-    path = Path(directory) / LOG_NAME
+def read_log(source: str | Path) -> list[EpochRecord]:
+    """The records of a checkpoint's train_log.jsonl (a directory or a Hub repo id).
+    FileNotFoundError when it has none; ValueError naming the file and line if it is damaged."""
+    path = resolve_checkpoint(source) / LOG_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint has no {LOG_NAME}: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} cannot be read: {err}") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path} line {number} is not JSON ({err}): the training log is damaged"
-            ) from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path} line {number} is not a JSON object: the log is damaged")
-        records.append(record)
+            records.append(EpochRecord.from_json(json.loads(line)))
+        except (json.JSONDecodeError, ValueError, TypeError) as err:
+            raise ValueError(f"{path} line {number}: {err}: the training log is damaged") from None
     return records
 
 
@@ -101,6 +179,14 @@ def update_card(directory: str | Path, **fields) -> dict:
     data["card"].update(fields)
     _write_json(directory / CONFIG_NAME, data)
     return data["card"]
+
+
+def find_checkpoints(root: str | Path = CHECKPOINTS_DIR) -> list[Path]:
+    """Checkpoint directories directly under ``root`` (holding config.json and weights), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file())
 
 
 def resolve_checkpoint(source: str | Path) -> Path:

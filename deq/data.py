@@ -20,11 +20,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .model import CIFAR10_CLASSES
-
 log = logging.getLogger(__name__)
 
-__all__ = ["load_cifar10", "split_validation", "batches", "augment", "describe_source"]
+__all__ = [
+    "CIFAR10_CLASSES", "load_cifar10", "split_validation", "random_subset", "batches", "augment",
+    "describe_source",
+]  # fmt: skip
+
+#: The class names, in label order.
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 _EXPECTED = (
@@ -146,6 +153,16 @@ def split_validation(
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(labels.device)
     val, train = order[:n_val], order[n_val:]
     return (images[train], labels[train]), (images[val], labels[val])
+
+
+def random_subset(images: Tensor, labels: Tensor, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` images and their labels drawn by a fixed seeded shuffle (the same on every machine),
+    on their own device. The data sets are stored class by class, so a prefix would not do.
+    ``n`` >= the set's size gives the whole set, shuffled."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n].to(labels.device)
+    return images[keep], labels[keep]
 
 
 def augment(x: Tensor, generator: torch.Generator | None = None, pad: int = 4) -> Tensor:

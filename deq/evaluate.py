@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import batches, load_cifar10, split_validation
+from .checkpoint import load_model, update_card
+from .data import batches, load_cifar10, random_subset, split_validation
 from .model import DEQClassifier
-from .solvers import SolverStats
+from .solvers import SOLVERS
 
 __all__ = [
-    "predict", "evaluate", "evaluate_checkpoint", "budget_curve", "report", "load_split", "device_label",
+    "evaluate", "evaluate_checkpoint", "budget_curve", "report", "load_split", "device_label",
 ]  # fmt: skip
 
 #: f-evaluation budgets of ``budget_curve``: how deep the weight-tied network has to be unrolled.
@@ -44,12 +45,6 @@ def device_label(device: str | torch.device) -> str:
         names = []
     model = f"{names[0]}, {len(names)} cores" if names else (platform.processor() or platform.machine())
     return f"CPU ({model}, {torch.get_num_threads()} torch threads)"
-
-
-def predict(model: DEQClassifier, images: Tensor, **solver_overrides) -> tuple[Tensor, SolverStats]:
-    """Logits (B, n_classes) and the forward solve's stats; overrides as in ``DEQFixedPoint.solve``."""
-    z, stats = model.deq.solve(model.inject(images), **solver_overrides)
-    return model.head(z), stats
 
 
 @torch.inference_mode()
@@ -73,9 +68,9 @@ def evaluate(
     tol = solver_overrides.get("tol", model.deq.solver_kwargs.get("tol", 1e-2))
     for x, y in batches(images, labels, batch_size):
         with torch.autocast(device, torch.bfloat16, enabled=amp):
-            logits, stats = predict(model, x, **solver_overrides)
+            logits, stats = model.predict(x, **solver_overrides)
             if flip:
-                logits = (logits.float() + predict(model, x.flip(3), **solver_overrides)[0].float()) / 2
+                logits = (logits.float() + model.predict(x.flip(3), **solver_overrides)[0].float()) / 2
         sums["loss"] += F.cross_entropy(logits.float(), y, reduction="sum").item()
         sums["correct"] += int((logits.argmax(1) == y).sum())
         sums["n"] += len(y)
@@ -129,8 +124,6 @@ def evaluate_checkpoint(
     """Evaluate a loaded checkpoint on (images, labels) and report it; with ``record``, the report
     goes into the checkpoint's card (``headline``: also as the card's test accuracy).
     Unset solver options are the model's own; ``flip`` defaults to how it was trained."""
-    from .checkpoint import update_card
-
     own = model.deq.solver_kwargs
     overrides = {
         "solver": solver or model.deq.solver,
@@ -184,8 +177,6 @@ def budget_curve(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .checkpoint import load_model
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -205,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="evaluate on this many images of the split, a fixed random subset (0: all)",
     )
-    parser.add_argument("--solver", default=None, choices=["anderson", "forward", "broyden"])
+    parser.add_argument(
+        "--solver", default=None, choices=sorted(SOLVERS), help="default: the one the model was trained with"
+    )
     parser.add_argument("--tol", type=float, default=None)
     parser.add_argument("--max-iter", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -247,9 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     val_images = trained_with if args.val_images is None else args.val_images
     images, labels = load_split(args.data, args.split, val_images)
-    if args.images:  # a seeded random subset: the sets are stored class by class
-        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[: args.images]
-        images, labels = images[keep], labels[keep]
+    if args.images:
+        images, labels = random_subset(images, labels, args.images)
     images, labels = images.to(args.device), labels.to(args.device)
     command = " ".join(["python -m deq.evaluate", *(sys.argv[1:] if argv is None else argv)])
     if args.curve:
@@ -259,8 +251,6 @@ def main(argv: list[str] | None = None) -> None:
         result = {"split": args.split, "images": len(labels), **curve,
                   "device": device_label(args.device), "command": command}  # fmt: skip
         if args.record:
-            from .checkpoint import update_card
-
             update_card(args.checkpoint, budget_curve=result)
         print(json.dumps(result, indent=2))
         return

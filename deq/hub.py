@@ -23,14 +23,15 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .checkpoint import CONFIG_NAME, LOG_NAME, WEIGHTS_NAME, load_model
+from .card import card_markdown
+from .checkpoint import CHECKPOINTS_DIR, CONFIG_NAME, LOG_NAME, WEIGHTS_NAME, load_model
 
 __all__ = [
     "checkpoint_files", "space_files", "space_deletions", "model_readme", "push_checkpoint", "push_space",
     "main",
 ]  # fmt: skip
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = CHECKPOINTS_DIR.parent
 #: What a Space needs, as globs relative to the repository root (checkpoints/ only where present).
 SPACE_GLOBS = (
     "app.py",
@@ -39,6 +40,7 @@ SPACE_GLOBS = (
     "README.md",
     "LICENSE",
     "deq/*.py",
+    "deq/demo/*.py",
     "examples/*.jpg",
     "examples/*.png",
     f"checkpoints/*/{WEIGHTS_NAME}",
@@ -46,7 +48,7 @@ SPACE_GLOBS = (
     f"checkpoints/*/{LOG_NAME}",
 )
 #: Remote files an update may delete when they are no longer part of the upload.
-SPACE_DELETE_PATTERNS = ["deq/*.py", "examples/*", "checkpoints/**"]
+SPACE_DELETE_PATTERNS = ["deq/*.py", "deq/demo/*.py", "examples/*", "checkpoints/**"]
 
 
 def checkpoint_files(checkpoint: str | Path) -> list[Path]:
@@ -102,8 +104,6 @@ def has_space_front_matter(readme: Path) -> bool:
 
 def model_readme(checkpoint: str | Path, repo_id: str) -> str:
     """The model repo's README.md: Hub metadata and the checkpoint's model card facts."""
-    from .demo import card_markdown  # plotly is only needed here, for the app's module
-
     model = load_model(checkpoint)  # also proves the weights match the config before upload
     accuracy = model.card.get("test_accuracy")
     metrics = (

@@ -32,7 +32,8 @@ class DEQFixedPoint(nn.Module):
 
     Args:
         f: the cell.
-        solver: forward solver name ("anderson", "forward", "broyden").
+        solver: forward solver, any name registered in ``deq.solvers.SOLVERS`` ("anderson",
+            "forward", "broyden", or one added with ``register_solver``).
         backward: "implicit" (solve g = (df/dz)^T g + y with ``backward_solver``) or
             "phantom" (Jacobian-free: backprop through ``phantom_steps`` applications of f
             at z*, a cheap approximation of the implicit gradient).

@@ -1,25 +1,31 @@
-"""The seed model (SPEC): a ResNet-style DEQ cell and the CIFAR-10 classifier around it."""
+"""The classifier: a ResNet-style DEQ cell between a stem and a head, chosen by architecture.
+
+    images (B, 3, S, S) in [0, 1] -> normalise -> stem -> x -> DEQ: z* = f(z*, x) -> head -> logits
+
+``ModelConfig`` (validated, saved as JSON in every checkpoint) rebuilds a model; architectures
+are looked up in ``ARCHITECTURES`` (add one with ``register_architecture``); ``predict`` is the
+one road from images to logits under any solver settings.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
 
 from .layer import BACKWARD_MODES, DEQFixedPoint, DEQInfo
-from .solvers import check_solver_kwargs
+from .solvers import SolverStats, check_solver_kwargs, lookup
 
-__all__ = ["ModelConfig", "ResNetCell", "DEQClassifier", "CIFAR10_CLASSES"]
+__all__ = [
+    "ModelConfig", "ResNetCell", "DEQClassifier", "Architecture", "ARCHITECTURES", "register_architecture",
+]  # fmt: skip
 
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
-ARCHS = ("seed", "large")
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+#: Per-channel mean and standard deviation the stem's input is normalised with (CIFAR-10's).
+INPUT_MEAN = (0.4914, 0.4822, 0.4465)
+INPUT_STD = (0.2470, 0.2435, 0.2616)
 
 
 #: (field, smallest, largest) of ModelConfig's integer fields. The caps keep a hostile config
@@ -38,7 +44,7 @@ def _default_solver_kwargs() -> dict:
 class ModelConfig:
     """Everything needed to rebuild a classifier; saved as JSON in every checkpoint."""
 
-    arch: str = "seed"  # "seed" (SPEC) or "large" (downsampling stem, DEQ at 16x16, conv head)
+    arch: str = "seed"  # a name in ARCHITECTURES: "seed" or "large" (DEQ at 16x16, conv head)
     n_channels: int = 48
     n_inner_channels: int = 64
     n_groups: int = 8
@@ -49,14 +55,15 @@ class ModelConfig:
     solver: str = "anderson"
     solver_kwargs: dict = field(default_factory=_default_solver_kwargs)
     backward: str = "implicit"
-    backward_kwargs: dict | None = None
+    backward_solver: str | None = None  # None: the forward solver
+    backward_kwargs: dict | None = None  # None: the forward solver's options
     phantom_steps: int = 1
 
     def __post_init__(self) -> None:
         """Check every field's type and range before anything is built: configs come from
         JSON files, also from the Hub (untrusted). Raises ValueError naming the field."""
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if not isinstance(self.arch, str) or self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {self.arch!r}")
         for name, low, high in _INT_RANGES:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -64,8 +71,11 @@ class ModelConfig:
         for name in ("n_channels", "n_inner_channels"):
             if (value := getattr(self, name)) % self.n_groups:
                 raise ValueError(f"{name}={value} must be divisible by n_groups={self.n_groups}")
-        if self.arch == "large" and self.n_channels < 2:  # its stem has n_channels // 2
-            raise ValueError(f"n_channels must be >= 2 for arch 'large', got {self.n_channels}")
+        if self.n_channels < ARCHITECTURES[self.arch].min_channels:
+            raise ValueError(
+                f"n_channels must be >= {ARCHITECTURES[self.arch].min_channels} for arch {self.arch!r}, "
+                f"got {self.n_channels}"
+            )
         if self.image_size % self.pool_size:
             raise ValueError(f"pool_size={self.pool_size} must divide image_size={self.image_size}")
         std = self.init_std
@@ -76,12 +86,14 @@ class ModelConfig:
         if not isinstance(self.solver_kwargs, dict):
             raise ValueError(f"solver_kwargs must be a dict, got {type(self.solver_kwargs).__name__}")
         check_solver_kwargs(self.solver, self.solver_kwargs, "solver_kwargs")
+        if self.backward_solver is not None:
+            lookup(self.backward_solver)  # ValueError naming the registered solvers
         if self.backward_kwargs is not None:
             if not isinstance(self.backward_kwargs, dict):
                 raise ValueError(
                     f"backward_kwargs must be a dict or null, got {type(self.backward_kwargs).__name__}"
                 )
-            check_solver_kwargs(self.solver, self.backward_kwargs, "backward_kwargs")
+            check_solver_kwargs(self.backward_solver or self.solver, self.backward_kwargs, "backward_kwargs")
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
@@ -122,50 +134,93 @@ class ResNetCell(nn.Module):
         return self.norm3(torch.relu(z + self.norm2(x + self.conv2(y))))
 
 
-class DEQClassifier(nn.Module):
-    """Images (B, 3, 32, 32), RGB floats in [0, 1] -> logits (B, n_classes).
+# ----------------------------------------------------------------------------- architectures
 
-    arch "seed": normalise -> Conv(3, C) -> BN -> DEQ(ResNetCell) -> BN -> AvgPool -> Linear.
-    arch "large": normalise -> conv stem to (C, 16, 16) -> DEQ(ResNetCell) -> BN -> strided conv
-    -> global average pool -> Linear.
+
+@dataclass(frozen=True)
+class Architecture:
+    """How a classifier wraps its DEQ cell: ``stem(config)`` maps normalised images (B, 3, S, S)
+    to the injection x (B, n_channels, H, W); ``head(config)`` maps z* (same shape) to logits."""
+
+    stem: Callable[[ModelConfig], nn.Module]
+    head: Callable[[ModelConfig], nn.Module]
+    min_channels: int = 1
+
+
+#: name -> Architecture; ``ModelConfig.arch`` is one of these names.
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(name: str, architecture: Architecture, *, replace: bool = False) -> None:
+    """Make ``architecture`` available as ``ModelConfig(arch=name)``."""
+    if name in ARCHITECTURES and not replace:
+        raise ValueError(f"architecture {name!r} is already registered (pass replace=True to replace it)")
+    ARCHITECTURES[name] = architecture
+
+
+def _seed_stem(config: ModelConfig) -> nn.Module:  # Conv(3, C) -> BN, at full resolution
+    return nn.Sequential(nn.Conv2d(3, config.n_channels, 3, padding=1, bias=True), nn.BatchNorm2d(config.n_channels))
+
+
+def _seed_head(config: ModelConfig) -> nn.Module:  # BN -> AvgPool -> Linear
+    c, pooled = config.n_channels, config.image_size // config.pool_size
+    return nn.Sequential(
+        nn.BatchNorm2d(c),
+        nn.AvgPool2d(config.pool_size, config.pool_size),
+        nn.Flatten(),
+        nn.Linear(c * pooled * pooled, config.n_classes),
+    )
+
+
+def _large_stem(config: ModelConfig) -> nn.Module:  # down to half resolution: a wide but cheap equilibrium
+    c = config.n_channels
+    return nn.Sequential(
+        nn.Conv2d(3, c // 2, 3, padding=1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(),
+        nn.Conv2d(c // 2, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c),
+    )  # fmt: skip
+
+
+def _large_head(config: ModelConfig) -> nn.Module:  # BN -> strided conv -> global average pool -> Linear
+    c = config.n_channels
+    return nn.Sequential(
+        nn.BatchNorm2d(c),
+        nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, config.n_classes),
+    )  # fmt: skip
+
+
+register_architecture("seed", Architecture(_seed_stem, _seed_head))
+register_architecture("large", Architecture(_large_stem, _large_head, min_channels=2))  # stem: C // 2
+
+
+# ----------------------------------------------------------------------------- the classifier
+
+
+class DEQClassifier(nn.Module):
+    """Images (B, 3, S, S), RGB floats in [0, 1] -> logits (B, n_classes).
+
+    normalise -> ``stem`` -> DEQ(ResNetCell) -> ``head``, the stem and head of
+    ``ARCHITECTURES[config.arch]``.
     """
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
         self.config = config = config or ModelConfig()  # validated when it was built
-        c = config.n_channels
-        self.register_buffer("mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1), persistent=False)
-        if config.arch == "seed":
-            self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=True), nn.BatchNorm2d(c))
-        else:  # "large": an explicit stem down to 16x16, so the equilibrium is wide but cheap
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, c // 2, 3, padding=1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(),
-                nn.Conv2d(c // 2, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c),
-            )  # fmt: skip
-        cell = ResNetCell(c, config.n_inner_channels, config.n_groups, config.init_std)
+        architecture = ARCHITECTURES[config.arch]
+        self.register_buffer("mean", torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(INPUT_STD).view(1, 3, 1, 1), persistent=False)
+        self.stem = architecture.stem(config)
+        cell = ResNetCell(config.n_channels, config.n_inner_channels, config.n_groups, config.init_std)
         self.deq = DEQFixedPoint(
             cell,
             solver=config.solver,
             backward=config.backward,
+            backward_solver=config.backward_solver,
             backward_kwargs=config.backward_kwargs,
             phantom_steps=config.phantom_steps,
             **config.solver_kwargs,
         )
-        if config.arch == "seed":
-            pooled = config.image_size // config.pool_size
-            self.head = nn.Sequential(
-                nn.BatchNorm2d(c),
-                nn.AvgPool2d(config.pool_size, config.pool_size),
-                nn.Flatten(),
-                nn.Linear(c * pooled * pooled, config.n_classes),
-            )
-        else:
-            self.head = nn.Sequential(
-                nn.BatchNorm2d(c),
-                nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, config.n_classes),
-            )  # fmt: skip
+        self.head = architecture.head(config)
 
     def inject(self, images: Tensor) -> Tensor:
         """The input injection x (B, C, H, W), computed once per image."""
@@ -174,6 +229,17 @@ class DEQClassifier(nn.Module):
     def forward(
         self, images: Tensor, return_info: bool = False, jacobian_penalty: bool = False
     ) -> Tensor | tuple[Tensor, DEQInfo]:
+        """Training and plain inference with the model's own solver settings."""
         z, info = self.deq(self.inject(images), jacobian_penalty=jacobian_penalty)
         logits = self.head(z)
         return (logits, info) if return_info else logits
+
+    def predict(
+        self, images: Tensor, solver: str | None = None, **overrides
+    ) -> tuple[Tensor, SolverStats]:
+        """Logits (B, n_classes) of images (B, 3, S, S) in [0, 1] and the forward solve's stats,
+        without autograd. ``solver`` and ``overrides`` (tol, max_iter, beta, callback, z0, ...)
+        replace the model's own solver settings for this call only."""
+        with torch.no_grad():
+            z, stats = self.deq.solve(self.inject(images), solver=solver, **overrides)
+            return self.head(z), stats

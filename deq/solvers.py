@@ -1,4 +1,4 @@
-"""Fixed-point solvers: find z* with z* = f(z*).
+"""Fixed-point solvers: find z* with z* = f(z*), and the registry that names them.
 
 Every solver has the same signature::
 
@@ -20,6 +20,10 @@ Every solver has the same signature::
 
 All bookkeeping (residuals, best iterate) lives on the tensor's device; the residual trace is
 copied to the host once, at the end.
+
+Solvers are chosen by name from one registry, ``SOLVERS``. ``register_solver(name, fn, validate)``
+adds one: it then works in ``DEQFixedPoint``, ``train.py --solver/--backward-solver``,
+``python -m deq.evaluate --solver`` and the demo's race.
 """
 
 from __future__ import annotations
@@ -34,12 +38,17 @@ from torch import Tensor
 
 __all__ = [
     "SolverStats",
+    "Solver",
     "anderson",
     "forward_iteration",
     "broyden",
     "SOLVERS",
+    "register_solver",
+    "unregister_solver",
+    "lookup",
     "get_solver",
     "check_solver_kwargs",
+    "COMMON_OPTIONS",
 ]
 
 Callback = Callable[[int, float], None]
@@ -320,32 +329,119 @@ def broyden(
     return mon.finish("broyden", n_evals)
 
 
-SOLVERS: dict[str, Callable[..., tuple[Tensor, SolverStats]]] = {
-    "anderson": anderson,
-    "forward": forward_iteration,
-    "broyden": broyden,
-}
+# ----------------------------------------------------------------------------- the registry
+
+SolverFn = Callable[..., tuple[Tensor, SolverStats]]
+#: Options every solver takes; the layer and the apps set them per call. The rest of a solver's
+#: keyword-only options are its own (Anderson's m, lam, beta).
+COMMON_OPTIONS = ("tol", "max_iter", "callback", "check_every")
+#: Options that steer one call rather than describe the solve: never stored in a model config.
+RUNTIME_OPTIONS = ("callback", "check_every")
 
 
-def get_solver(name: str) -> Callable[..., tuple[Tensor, SolverStats]]:
-    """Look a solver up by name ("anderson", "forward", "broyden")."""
+@dataclass(frozen=True)
+class Solver:
+    """A registered solver: ``fn`` with the common signature, a display ``label``, and
+    ``validate(**own_options)`` that raises ValueError naming a bad option of its own."""
+
+    name: str
+    fn: SolverFn
+    label: str
+    validate: Callable[..., None] | None = None
+
+    def __call__(self, f: Callable[[Tensor], Tensor], z0: Tensor, **options) -> tuple[Tensor, SolverStats]:
+        return self.fn(f, z0, **options)
+
+    @property
+    def defaults(self) -> dict:
+        """Every keyword-only option with its default, the COMMON_OPTIONS included."""
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    @property
+    def own_options(self) -> tuple[str, ...]:
+        """The options this solver takes beyond COMMON_OPTIONS."""
+        return tuple(k for k in self.defaults if k not in COMMON_OPTIONS)
+
+    def check(self, options: dict, argument: str = "solver options") -> None:
+        """Raise ValueError if ``options`` holds a key this solver does not take, or a bad value
+        (so a layer rejects bad options when it is built, not at its first solve)."""
+        accepted = self.defaults
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"{argument}: unknown option(s) {unknown} for solver {self.name!r}; accepted: {sorted(accepted)}"
+            )
+        opts = {**accepted, **options}
+        _validate(opts["tol"], opts["max_iter"], opts["check_every"], opts["callback"])
+        if self.validate is not None:
+            self.validate(**{k: opts[k] for k in self.own_options})
+
+    def select(self, settings: dict) -> dict:
+        """The entries of ``settings`` this solver takes (a UI's settings cover every solver)."""
+        accepted = self.defaults
+        return {k: v for k, v in settings.items() if k in accepted}
+
+
+#: name -> Solver. Add to it with ``register_solver`` only: the layer, ``train.py --solver``,
+#: ``deq.evaluate --solver`` and the demo's race all look solvers up here.
+SOLVERS: dict[str, Solver] = {}
+
+
+def register_solver(
+    name: str,
+    fn: SolverFn,
+    validate: Callable[..., None] | None = None,
+    *,
+    label: str | None = None,
+    replace: bool = False,
+) -> Solver:
+    """Make ``fn`` available by ``name`` everywhere a solver is chosen; returns its entry.
+
+    ``fn(f, z0, *, tol, max_iter, callback, check_every, **own)`` must return (z*, SolverStats)
+    (see this module's docstring); ``validate(**own)`` checks its own options (ValueError).
+    Registering a taken name raises ValueError unless ``replace``.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be an identifier-like string, got {name!r}")
+    if not callable(fn):
+        raise ValueError(f"fn must be callable, got {type(fn).__name__}")
+    if validate is not None and not callable(validate):
+        raise ValueError(f"validate must be callable or None, got {type(validate).__name__}")
+    if name in SOLVERS and not replace:
+        raise ValueError(f"solver {name!r} is already registered (pass replace=True to replace it)")
+    params = inspect.signature(fn).parameters
+    missing = [p for p in COMMON_OPTIONS if p not in params or params[p].kind is not inspect.Parameter.KEYWORD_ONLY]
+    if missing:
+        raise ValueError(f"fn must take the keyword-only options {list(COMMON_OPTIONS)}; {name!r} lacks {missing}")
+    solver = Solver(name, fn, label or name, validate)
+    SOLVERS[name] = solver
+    return solver
+
+
+def unregister_solver(name: str) -> None:
+    """Remove a registered solver (tests, plug-ins that clean up after themselves)."""
+    SOLVERS.pop(name, None)
+
+
+def lookup(name: str) -> Solver:
+    """The registered solver ``name``; ValueError listing the registered ones otherwise."""
     try:
         return SOLVERS[name]
     except (KeyError, TypeError):
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}") from None
 
 
+def get_solver(name: str) -> SolverFn:
+    """The solver function registered as ``name`` ("anderson", "forward", "broyden", ...)."""
+    return lookup(name).fn
+
+
 def check_solver_kwargs(name: str, kwargs: dict, argument: str = "solver_kwargs") -> None:
-    """Raise ValueError if ``kwargs`` holds a key the named solver does not take, or a bad value
-    (so a layer rejects bad options when it is built, not at its first solve)."""
-    params = inspect.signature(get_solver(name)).parameters
-    accepted = {p: v.default for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"{argument}: unknown option(s) {unknown} for solver {name!r}; accepted: {sorted(accepted)}"
-        )
-    opts = {**accepted, **kwargs}
-    _validate(opts["tol"], opts["max_iter"], opts["check_every"], opts["callback"])
-    if name == "anderson":
-        _validate_anderson(opts["m"], opts["lam"], opts["beta"])
+    """Raise ValueError if ``kwargs`` holds a key the named solver does not take, or a bad value."""
+    lookup(name).check(kwargs, argument)
+
+
+register_solver("anderson", anderson, _validate_anderson, label="Anderson")
+register_solver("forward", forward_iteration, label="forward iteration")
+register_solver("broyden", broyden, label="Broyden")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from deq.data import augment, batches, describe_source, load_cifar10
-from deq.model import CIFAR10_CLASSES
+from deq.data import CIFAR10_CLASSES
 
 
 def make_cifar_folder(

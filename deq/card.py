@@ -1,0 +1,115 @@
+"""The model card as Markdown: what a checkpoint's card says (accuracy, how, where and by which
+command it was trained, its equilibrium evaluations and accuracy-by-budget curve), for the app's
+model tab and the Hub model repo's README alike.
+"""
+
+from __future__ import annotations
+
+from .model import DEQClassifier
+
+__all__ = ["card_markdown"]
+
+
+def _fmt_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def card_markdown(model: DEQClassifier, label: str = "") -> str:
+    """The model card facts (accuracy, how and where it was trained) as Markdown."""
+    card = getattr(model, "card", None) or {}
+    cfg = model.config
+    n_params = card.get("parameters") or sum(p.numel() for p in model.parameters())
+    lines = [f"### Model card{f': `{label}`' if label else ''}"]
+    if "test_accuracy" not in card and "val_accuracy" in card:
+        lines.append(
+            f"- **{100 * card['val_accuracy']:.1f}%** validation accuracy ({card.get('val_images', 0):,} "
+            "images held out of the training set; not yet evaluated on the test set)"
+        )
+    if "test_accuracy" in card:
+        acc = f"**{100 * card['test_accuracy']:.1f}%** CIFAR-10 test accuracy"
+        if card.get("test_images"):
+            acc += f" ({card['test_images']:,} test images)"
+        lines.append(f"- {acc}")
+    train_cfg = card.get("train_config") or {}
+    if "epochs" in card:
+        total, budget = train_cfg.get("epochs"), train_cfg.get("time_budget_s")
+        done = f"{card['epochs']:.3g} epochs"
+        if budget:
+            done += f" (a {budget:g} s wall-clock budget)"
+        elif total and total != card["epochs"]:
+            done += f" of {total}"
+        where = f" on {card['device']}" if card.get("device") else ""
+        took = f" in {_fmt_duration(card['train_wall_time_s'])}" if card.get("train_wall_time_s") else ""
+        data = f", {card['train_images']:,} training images" if card.get("train_images") else ""
+        lines.append(f"- Trained {done}{where}{took}{data}")
+        if card.get("finished") is False:
+            lines.append("- ⚠️ training had not finished when this checkpoint was written")
+    if card.get("command"):
+        commit = f" at commit `{card['git_commit'][:10]}`" if card.get("git_commit") else ""
+        lines.append(f"- Command: `{card['command']}`{commit}")
+    if card.get("dataset"):
+        lines.append(f"- Data: {card['dataset']}")
+    solver_opts = ", ".join(f"{k}={v}" for k, v in cfg.solver_kwargs.items())
+    lines.append(
+        f"- {cfg.arch} architecture, {n_params:,} parameters, equilibrium width {cfg.n_channels} channels; "
+        f"trained with the {cfg.solver} solver ({solver_opts}), {cfg.backward} backward"
+        + (f" ({cfg.backward_solver} solver)" if cfg.backward == "implicit" and cfg.backward_solver else "")
+    )
+    for e in card.get("evaluations") or []:
+        lines.extend(_evaluation_line(e))
+    if card.get("notes"):
+        lines.append(f"- Notes: {card['notes']}")
+    if card.get("torch"):
+        lines.append(f"- torch {card['torch']}")
+    lines.extend(_curve_table(card.get("budget_curve")))
+    if not card:
+        lines.append("- This checkpoint carries no model card.")
+    return "\n".join(lines)
+
+
+def _percent(fraction: float) -> str:
+    """One decimal, two where one would round a near-miss up to 100.0%."""
+    return f"{100 * fraction:.2f}%" if 0.9995 <= fraction < 1 else f"{100 * fraction:.1f}%"
+
+
+def _evaluation_line(e: dict) -> list[str]:
+    """One recorded test-set equilibrium evaluation (``deq.evaluate --record``) as a bullet."""
+    solver = e.get("solver") if isinstance(e, dict) else None
+    if not isinstance(solver, dict):
+        return []
+    try:
+        if e.get("split", "test") != "test" or solver.get("tol", 1) > 1e-3:
+            return []  # validation runs and the training budget's own solve are not headline facts
+        median = e.get("median_f_evals", e.get("mean_f_evals"))
+        what = "median" if "median_f_evals" in e else "mean"
+        where = f" on {e['device']}" if e.get("device") else ""
+        flips = " (with test-time flips)" if e.get("flip") else ""
+        how = f"tol {solver['tol']:g} (max_iter {solver['max_iter']}) with {solver['solver']}{where}"
+        return [f"- Solved to {how}: "
+                f"{_percent(e['converged_fraction'])} of {e['images']:,} test images converge, "
+                f"{what} {median:g} f-evaluations, accuracy {100 * e['accuracy']:.1f}%{flips}"]  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return []  # a card from elsewhere with other fields: show nothing rather than fail
+
+
+def _curve_table(curve) -> list[str]:
+    """``deq.evaluate --curve --record``'s accuracy-by-budget as a Markdown table ([] if absent)."""
+    if not isinstance(curve, dict):
+        return []
+    try:
+        budgets = [int(k) for k in curve["budgets"]]
+        rows = [(name, [float(a) for a in curve[key]]) for key, name in
+                (("anderson", "Anderson"), ("forward", "forward iteration")) if key in curve]  # fmt: skip
+        if not rows or any(len(accs) != len(budgets) for _, accs in rows):
+            return []
+        where = f" on {curve['device']}" if curve.get("device") else ""
+        head = (f"\n**Accuracy by solver budget** ({curve['images']:,} {curve.get('split', 'test')} images, "
+                f"solves stopped after k f-evaluations or at tol {curve['tol']:g}{where}):\n")  # fmt: skip
+        table = ["| f-evaluations k | " + " | ".join(map(str, budgets)) + " |",
+                 "|---" * (len(budgets) + 1) + "|"]  # fmt: skip
+        table += [f"| {name} | " + " | ".join(f"{100 * a:.1f}%" for a in accs) + " |" for name, accs in rows]
+        return [head, *table]
+    except (KeyError, TypeError, ValueError):
+        return []  # a card from elsewhere with other fields: show nothing rather than fail
