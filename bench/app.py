@@ -3,8 +3,8 @@
     python -m bench.app                          # model from checkpoints/ (as app.py picks it)
     python -m bench.app --model DIR_OR_REPO_ID --tol 1e-4 --threads 1
 
-Runs ``deq.demo.stream_solve`` (both solvers, Anderson then forward iteration, the app's frame
-throttle) on the ten example images, after one warm-up request, and prints p50/p90 over them.
+Runs ``deq.demo.stream.stream_solve`` (the race's solvers, Anderson then forward iteration, the
+app's frame throttle) on the ten example images, after one warm-up request, and prints p50/p90 over them.
 Image decoding is included (it is part of a request); the web server's own overhead is not.
 """
 
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from deq.checkpoint import load_model
-from deq.demo import SolveSettings, model_sources, stream_solve
-from deq.images import prepare_image
+from deq.demo.catalogue import load_catalogue
+from deq.demo.images import prepare_image
+from deq.demo.inference import SolveSettings
+from deq.demo.stream import stream_solve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,14 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    source = args.model
+    environ = {**os.environ, "DEQ_DEVICE": "cpu", **({"DEQ_MODEL": args.model} if args.model else {})}
     try:
-        if source is None:
-            sources, default = model_sources(ROOT / "checkpoints", os.environ.get("DEQ_MODEL"))
-            source = sources[default]
-        model = load_model(source)
+        catalogue = load_catalogue(environ)  # the model the app would serve by default
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
+    served = catalogue.get(catalogue.default)
+    model, source = served.model, served.source
     settings = SolveSettings(beta=args.beta, tol=args.tol, max_iter=args.max_iter).validate()
     images = sorted(Path(args.examples).glob("*.jpg"))
     if not images:

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import statistics
 import time
@@ -77,9 +76,11 @@ def recipe_step_time(options: dict, device: torch.device, sync, repeats: int) ->
 
     options = dict(options)
     preset = options.pop("preset", None)
-    cfg = train.TrainConfig(**{**(train.PRESETS[preset] if preset else {}), **options})
-    torch.manual_seed(0)  # tol unreachable: every solve runs to its max_iter
-    model = DEQClassifier(train.model_config(dataclasses.replace(cfg, f_tol=1e-30, b_tol=1e-30))).to(device)
+    # tol unreachable: every solve runs to its max_iter
+    flat = {**(train.PRESETS[preset] if preset else {}), **options, "f_tol": 1e-30, "b_tol": 1e-30}
+    cfg = train.config_from_options(flat)
+    torch.manual_seed(0)
+    model = DEQClassifier(cfg.model).to(device)
     x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
     if cfg.channels_last:

@@ -39,6 +39,7 @@ from torch import Tensor
 __all__ = [
     "SolverStats",
     "Solver",
+    "Monitor",
     "anderson",
     "forward_iteration",
     "broyden",
@@ -111,10 +112,18 @@ def _check_z0(z0: Tensor) -> None:
         raise ValueError("z0 must be a floating-point tensor of shape (B, ...)")
 
 
-class _Monitor:
-    """Residuals, best iterate, stopping rules: the part every solver shares.
+class Monitor:
+    """Residuals, best iterate, stopping rules and stats: the part every solver shares, and
+    what a new solver builds on::
 
-    Works on flattened iterates (B, D). ``observe`` is called once per iterate with z and f(z).
+        mon = Monitor(z0, tol, max_iter, callback, check_every)
+        z = mon.z0                                   # (B, D), flattened
+        for n in range(1, max_iter + 1):
+            fz = f(z.view(mon.shape)).reshape(z.shape)
+            if mon.observe(z, fz) or n == max_iter:  # True: converged or diverged
+                break
+            z = ...                                  # the solver's own step
+        return mon.finish("name", n)                 # (z* of z0's shape, SolverStats)
     """
 
     def __init__(self, z0: Tensor, tol: float, max_iter: int, callback, check_every):
@@ -213,7 +222,7 @@ def forward_iteration(
     check_every: int | None = None,
 ) -> tuple[Tensor, SolverStats]:
     """Plain fixed-point iteration z_{k+1} = f(z_k). z0: (B, ...); returns z* of the same shape."""
-    mon = _Monitor(z0, tol, max_iter, callback, check_every)
+    mon = Monitor(z0, tol, max_iter, callback, check_every)
     z, shape = mon.z0, mon.shape
     n_evals = 0
     for _ in range(max_iter):
@@ -247,7 +256,7 @@ def anderson(
     The Gram matrix G G^T is updated one row per iteration, not recomputed.
     """
     _validate_anderson(m, lam, beta)
-    mon = _Monitor(z0, tol, max_iter, callback, check_every)
+    mon = Monitor(z0, tol, max_iter, callback, check_every)
     z, shape = mon.z0, mon.shape
     (batch, dim), kw = z.shape, {"dtype": z.dtype, "device": z.device}
     G = torch.zeros(batch, m, dim, **kw)  # residuals g_i = f(z_i) - z_i
@@ -291,7 +300,7 @@ def broyden(
     The inverse Jacobian of g is kept as -I + sum_i u_i v_i^T (rank grows by one per
     iteration, up to max_iter - 1; memory 2 * B * max_iter * D).
     """
-    mon = _Monitor(z0, tol, max_iter, callback, check_every)
+    mon = Monitor(z0, tol, max_iter, callback, check_every)
     z, shape = mon.z0, mon.shape
     # Rank-r update vectors, in buffers that double when full (max_iter can be large).
     U = z.new_zeros(z.shape[0], min(max_iter, 8), z.shape[1])

@@ -128,6 +128,7 @@ class Evaluator:
     def __init__(self, args):
         import torch
 
+        from deq.data import random_subset
         from deq.evaluate import load_split
 
         self.args = args
@@ -140,10 +141,7 @@ class Evaluator:
             for split in ("val", "test")
         }
         if args.smoke:  # the script's paths, not the models, are under test: a random 200 of each
-            gen = torch.Generator().manual_seed(0)
-            for split, (x, y) in list(self.data.items()):
-                keep = torch.randperm(len(y), generator=gen)[:200].to(y.device)
-                self.data[split] = (x[keep], y[keep])
+            self.data = {split: random_subset(*data, 200) for split, data in self.data.items()}
 
     def __call__(self, ckpt: Path, split: str, **options) -> dict | None:
         from deq.checkpoint import load_model

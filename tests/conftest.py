@@ -14,7 +14,6 @@ torch.set_num_threads(1)
 
 import importlib  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -42,20 +41,31 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def app_module(tiny_checkpoint, tmp_path_factory):
-    """``app`` imported with DEQ_MODEL = the tiny checkpoint (and no other checkpoints listed)."""
-    with pytest.MonkeyPatch.context() as patch:  # app reads them at import only
-        patch.setenv("DEQ_MODEL", str(tiny_checkpoint))
-        patch.setenv("DEQ_CHECKPOINTS", str(tmp_path_factory.mktemp("no-checkpoints")))
-        sys.modules.pop("app", None)
-        return importlib.import_module("app")
+def app_module():
+    """``app``: importing it loads no model."""
+    return importlib.import_module("app")
 
 
 @pytest.fixture(scope="session")
-def app_url(app_module):
+def app_catalogue(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint as the app's only model (as DEQ_MODEL would name it)."""
+    from deq.demo.catalogue import load_catalogue
+
+    empty = tmp_path_factory.mktemp("no-checkpoints")
+    return load_catalogue({"DEQ_MODEL": str(tiny_checkpoint), "DEQ_CHECKPOINTS": str(empty), "DEQ_DEVICE": "cpu"})
+
+
+@pytest.fixture(scope="session")
+def app_demo(app_module, app_catalogue):
+    """The page built for ``app_catalogue``."""
+    return app_module.build_demo(app_catalogue)
+
+
+@pytest.fixture(scope="session")
+def app_url(app_module, app_demo):
     """The demo served on 127.0.0.1 (a free port) for the session."""
-    _, url, _ = app_module.demo.launch(
+    _, url, _ = app_demo.launch(
         server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **app_module.LAUNCH_KWARGS
     )
     yield url
-    app_module.demo.close()
+    app_demo.close()

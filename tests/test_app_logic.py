@@ -21,25 +21,15 @@ import torch
 from PIL import Image
 
 from deq import DEQClassifier, ModelConfig
-from deq.checkpoint import save_checkpoint
-from deq.demo import (
-    SolverResult,
-    SolveSettings,
-    card_markdown,
-    classify,
-    find_checkpoints,
-    load_models,
-    model_sources,
-    read_train_log,
-    residual_figure,
-    results_table,
-    stream_solve,
-    top_classes,
-    training_figures,
-    trustworthy,
-    warm_up,
-)
-from deq.images import MAX_PIXELS, load_image, prepare_image
+from deq.card import card_markdown
+from deq.checkpoint import find_checkpoints, save_checkpoint
+from deq.demo.catalogue import Catalogue, ServedModel, load_models, model_sources, train_log
+from deq.demo.figures import residual_figure, training_figures
+from deq.demo.images import MAX_PIXELS, load_image, prepare_image
+from deq.demo.inference import SolverResult, SolveSettings, classify, top_classes, trustworthy
+from deq.demo.stream import stream_solve, warm_up
+from deq.demo.text import results_table
+from deq.demo.uploads import MAX_DATA_URL_CHARS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -528,8 +518,8 @@ def test_card_markdown_shows_the_accuracy_by_budget_table():
 
 
 def test_training_log_and_figures(tiny_checkpoint, tmp_path):
-    records = read_train_log(tiny_checkpoint)
-    assert [r["epoch"] for r in records] == [1, 2, 3]
+    records, problem = train_log(str(tiny_checkpoint))
+    assert [r.epoch for r in records] == [1, 2, 3] and problem is None
     accuracy, residuals, steps = (figure_json(f) for f in training_figures(records))
     test_acc = next(t for t in accuracy["data"] if t["name"] == "test accuracy")
     assert test_acc["x"] == [1, 2, 3] and test_acc["y"][0] == pytest.approx(35.0)
@@ -540,16 +530,17 @@ def test_training_log_and_figures(tiny_checkpoint, tmp_path):
     }  # no backward
     assert len(steps["data"]) == 2
     save_checkpoint(small_model(), tmp_path / "nolog")
-    assert read_train_log(tmp_path / "nolog") == [] and all(len(f.data) == 0 for f in training_figures([]))
+    assert train_log(str(tmp_path / "nolog")) == ([], "it has no training log (`train_log.jsonl`).")
+    assert all(len(f.data) == 0 for f in training_figures([]))
     (tmp_path / "nolog" / "train_log.jsonl").write_text('{"epoch": 1, "test_error": 0.5}\nnot json\n[1]\n')
-    assert len(read_train_log(tmp_path / "nolog")) == 1
+    assert train_log(str(tmp_path / "nolog")) == ([], "its training log is damaged.")
 
 
 # ----------------------------------------------------------------------------- the app's wiring
 
 
-def test_app_wiring(app_module):
-    demo = app_module.demo
+def test_app_wiring(app_module, app_catalogue, app_demo):
+    demo = app_demo
     fns = {fn.api_name: fn for fn in demo.fns.values()}
     solve = fns["solve"]
     assert solve.trigger_mode == "always_last" and solve.queue and not solve.preprocess
@@ -566,92 +557,93 @@ def test_app_wiring(app_module):
     assert sum(1 for _, event in solve.targets if event == "release") == 5
     assert demo._queue.max_size == app_module.QUEUE_SIZE
     assert "model_info" in fns
-    card, note, *figures = app_module.describe_model(app_module.DEFAULT_MODEL)
+    card, note, *figures = app_module.describe_model(app_catalogue, app_catalogue.default)
     assert "78.3%" in card and "3 epochs" in note and len(figures) == 3
 
 
-def test_app_solve_generator(app_module):
+def test_app_solve_generator(app_module, app_catalogue):
     gr = pytest.importorskip("gradio")
-    args = (app_module.DEFAULT_MODEL, 1.0, -3, 5, -4, 20)
-    frames = list(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, *args))
+    args = (app_catalogue.default, 1.0, -3, 5, -4, 20)
+    frames = list(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args))
     plot, label, table, status, preview = frames[-1]
     assert len(json.loads(plot.to_json())["data"]) == 2 and len(label) == 5
     assert "Anderson" in table and "Input: JPEG 32x32" in status
     assert frames[0][4].size == (128, 128)  # the 32x32 input, enlarged
     assert all(f[4] == gr.skip() for f in frames[1:])  # sent once
-    assert list(app_module.solve(None, *args)) == [
+    assert list(app_module.solve_request(app_catalogue, None, *args)) == [
         (None, None, "", "Upload an image or pick an example.", None)
     ]
     data_url = "data:image/jpeg;base64," + base64.b64encode((EXAMPLES / "frog.jpg").read_bytes()).decode()
-    assert list(app_module.solve({"url": data_url, "path": None}, *args))[-1][1] == label
+    assert list(app_module.solve_request(app_catalogue, {"url": data_url, "path": None}, *args))[-1][1] == label
     with pytest.raises(gr.Error, match="links are not fetched"):
-        next(app_module.solve({"url": "https://example.com/x.png", "path": None}, *args))
+        next(app_module.solve_request(app_catalogue, {"url": "https://example.com/x.png", "path": None}, *args))
     for bad_label in ("nope", ["a", "list"], {"a": 1}):
         with pytest.raises(gr.Error, match="Unknown model"):
-            next(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, bad_label, *args[1:]))
+            next(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, bad_label, *args[1:]))
         with pytest.raises(gr.Error, match="Unknown model"):
-            app_module.describe_model(bad_label)
+            app_module.describe_model(app_catalogue, bad_label)
     with pytest.raises(gr.Error, match="out of range"):  # once {"error": null} and a traceback
-        next(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, *args[:-1], 10**400))
+        next(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args[:-1], 10**400))
     with pytest.raises(gr.Error, match="beta"):
         next(
-            app_module.solve(
-                {"path": str(EXAMPLES / "frog.jpg")}, app_module.DEFAULT_MODEL, 50.0, -3, 5, -4, 20
+            app_module.solve_request(app_catalogue, 
+                {"path": str(EXAMPLES / "frog.jpg")}, app_catalogue.default, 50.0, -3, 5, -4, 20
             )
         )
 
 
 @pytest.mark.parametrize(("name", "make", "message"), BAD_INPUTS)
-def test_app_turns_bad_input_into_a_clear_ui_error(app_module, tmp_path, monkeypatch, name, make, message):
+def test_app_turns_bad_input_into_a_clear_ui_error(app_module, app_catalogue, tmp_path, monkeypatch, name, make, message):
     gr = pytest.importorskip("gradio")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # stored as Gradio stores an upload
     with pytest.raises(gr.Error, match=message):
         next(
-            app_module.solve(
-                {"path": str(make(tmp_path / name))}, app_module.DEFAULT_MODEL, 1.0, -3, 5, -4, 20
+            app_module.solve_request(app_catalogue, 
+                {"path": str(make(tmp_path / name))}, app_catalogue.default, 1.0, -3, 5, -4, 20
             )
         )
 
 
-def test_the_api_never_reads_server_files_it_did_not_store(app_module, tmp_path, monkeypatch):
+def test_the_api_never_reads_server_files_it_did_not_store(app_module, app_catalogue, tmp_path, monkeypatch):
     gr = pytest.importorskip("gradio")
     uploads = tmp_path / "uploads"
     uploads.mkdir()
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
     secret = tmp_path / "server-image.jpg"  # an image on the server, outside Gradio's uploads
     secret.write_bytes((EXAMPLES / "frog.jpg").read_bytes())
-    args = (app_module.DEFAULT_MODEL, 1.0, -3, 5, -4, 20)
+    args = (app_catalogue.default, 1.0, -3, 5, -4, 20)
     refusals = set()
     outside = (str(secret), str(tmp_path / "missing.jpg"), str(uploads / ".." / secret.name))
     for path in (*outside, ["x"], 7, "a\x00b"):
         with pytest.raises(gr.Error) as err:
-            next(app_module.solve({"path": path}, *args))
+            next(app_module.solve_request(app_catalogue, {"path": path}, *args))
         refusals.add(err.value.message)
     assert refusals == {"Only images uploaded to this app can be read."}  # reveals nothing
     (uploads / "frog.jpg").write_bytes(secret.read_bytes())
-    assert list(app_module.solve({"path": str(uploads / "frog.jpg")}, *args))[-1][1]  # a real upload
-    assert list(app_module.solve({"path": str(EXAMPLES / "frog.jpg")}, *args))[-1][1]  # an example
-    huge = "data:image/png;base64," + "A" * (app_module.MAX_DATA_URL_CHARS + 4)
+    assert list(app_module.solve_request(app_catalogue, {"path": str(uploads / "frog.jpg")}, *args))[-1][1]  # a real upload
+    assert list(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args))[-1][1]  # an example
+    huge = "data:image/png;base64," + "A" * (MAX_DATA_URL_CHARS + 4)
     with pytest.raises(gr.Error, match="over"):
-        next(app_module.solve({"url": huge, "path": None}, *args))
+        next(app_module.solve_request(app_catalogue, {"url": huge, "path": None}, *args))
 
 
 def test_missing_model_is_a_clear_startup_error(app_module, monkeypatch, tmp_path):
     monkeypatch.setenv("DEQ_MODEL", str(tmp_path / "nope"))
     with pytest.raises(SystemExit, match="app.py cannot start: no checkpoint directory"):
-        app_module._load()
+        app_module.environment_catalogue()
     monkeypatch.delenv("DEQ_MODEL")
     monkeypatch.setenv("DEQ_CHECKPOINTS", str(tmp_path))
     with pytest.raises(SystemExit, match="No model to serve.*DEQ_MODEL"):
-        app_module._load()
+        app_module.environment_catalogue()
 
 
-def test_app_warns_when_a_solver_diverges(app_module, monkeypatch):
+def test_app_warns_when_a_solver_diverges(app_module, app_catalogue):
     model = small_model()
     model.deq.f = NaNAfter(model.deq.f, 4)
-    monkeypatch.setitem(app_module.MODELS, "diverging", model)
+    catalogue = Catalogue({"diverging": ServedModel("diverging", "-", model, [], None)}, "diverging")
     with pytest.warns(UserWarning, match="diverged"):  # gr.Warning outside a request warns
-        frames = list(app_module.solve({"path": str(EXAMPLES / "cat.jpg")}, "diverging", 3.0, -4, 5, -4, 50))
+        frames = list(app_module.solve_request(catalogue, {"path": str(EXAMPLES / "cat.jpg")}, "diverging", 3.0,
+                                               -4, 5, -4, 50))  # fmt: skip
     plot, label, table, status, _ = frames[-1]
     assert "**diverged**" in table and "⚠️" in status and "NaN" not in plot.to_json()
     assert label is None or all(math.isfinite(v) for v in label.values())
@@ -660,7 +652,7 @@ def test_app_warns_when_a_solver_diverges(app_module, monkeypatch):
 def test_request_body_limit_answers_413_before_or_while_reading():
     import asyncio
 
-    from deq.limits import RequestBodyLimit
+    from deq.demo.limits import RequestBodyLimit
 
     calls = []
 

@@ -99,7 +99,7 @@ def _post(url: str, headers: dict, body_chunks) -> int:
 def test_oversized_request_bodies_are_refused_without_reading_them(client, app_url):
     import resource
 
-    from deq.limits import MAX_JSON_BODY_BYTES
+    from deq.demo.limits import MAX_JSON_BODY_BYTES
 
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

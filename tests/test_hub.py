@@ -79,8 +79,9 @@ def test_push_space_creates_a_gradio_space_with_the_app_files():
     assert {
         "app.py",
         "requirements.txt",
-        "deq/demo.py",
-        "deq/images.py",
+        "deq/demo/stream.py",
+        "deq/demo/__init__.py",
+        "deq/demo/images.py",
         "deq/model.py",
         "examples/cat.jpg",
     } <= set(paths)
@@ -174,12 +175,11 @@ def test_load_from_an_offline_hub_cache(tiny_checkpoint, tmp_path):
     script = """
 import json
 from deq.checkpoint import load_model
-from deq.demo import load_models, model_sources, read_train_log
+from deq.demo.catalogue import load_catalogue
 model = load_model("someone/deq-tiny")
-sources, default = model_sources("no-such-dir", "someone/deq-tiny")
-models = load_models(sources, default)
-log = read_train_log(default)
-print(json.dumps({"acc": model.card["test_accuracy"], "labels": list(models), "log": len(log)}))
+catalogue = load_catalogue({"DEQ_MODEL": "someone/deq-tiny", "DEQ_CHECKPOINTS": "no-such-dir"})
+log = catalogue.get(catalogue.default).train_log
+print(json.dumps({"acc": model.card["test_accuracy"], "labels": catalogue.labels, "log": len(log)}))
 """
     env = {
         **os.environ,

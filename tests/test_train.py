@@ -101,9 +101,10 @@ def test_a_run_is_never_silently_replaced_or_misrecorded(data_dir, tmp_path, mon
 def test_the_training_log_is_written_atomically_and_a_damaged_one_is_named(data_dir, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from deq.checkpoint import read_log, write_log
+    from deq.checkpoint import EpochRecord, read_log, write_log
 
-    write_log(tmp_path, [{"epoch": 1}])
+    first = EpochRecord(epoch=1, train_loss=2.0, train_error=0.5, eval_split="val", eval_loss=2.1, eval_error=0.6)
+    write_log(tmp_path, [first])
     real_write_text = Path.write_text
 
     def write_half_then_die(self, text, *args, **kwargs):
@@ -112,15 +113,19 @@ def test_the_training_log_is_written_atomically_and_a_damaged_one_is_named(data_
 
     monkeypatch.setattr(Path, "write_text", write_half_then_die)
     with pytest.raises(KeyboardInterrupt):
-        write_log(tmp_path, [{"epoch": 1}, {"epoch": 2, "note": "x" * 100}])
+        write_log(tmp_path, [first, EpochRecord(**{**first.__dict__, "epoch": 2})])
     monkeypatch.setattr(Path, "write_text", real_write_text)
-    assert read_log(tmp_path) == [{"epoch": 1}] and [p.name for p in tmp_path.iterdir()] == [LOG_NAME]
+    assert read_log(tmp_path) == [first] and [p.name for p in tmp_path.iterdir()] == [LOG_NAME]
 
     out = tmp_path / "run"
     run(data_dir, out, "--epochs", "2")
-    (out / LOG_NAME).write_text('{"epoch": 1}\n{"epoch": 2, "trunc')
-    with pytest.raises(ValueError, match=r"train_log.jsonl line 2 is not JSON"):
+    line_one = (out / LOG_NAME).read_text().splitlines()[0]
+    (out / LOG_NAME).write_text(line_one + '\n{"epoch": 2, "trunc')
+    with pytest.raises(ValueError, match=r"train_log.jsonl line 2: .*the training log is damaged"):
         run(data_dir, out, "--epochs", "2", "--resume")
+    (out / LOG_NAME).write_text(line_one.replace('"lr"', '"learning_rate"') + "\n")
+    with pytest.raises(ValueError, match=r"line 1: unknown field 'learning_rate'"):
+        read_log(out)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -145,7 +150,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--learning-rate", "1"], "unrecognized arguments"),
         (["--backward", "exact"], "backward must be one of"),
-        (["--m", "0"], "m must be an integer >= 1"),
+        (["--solver-option", "m=0"], "m must be an integer >= 1"),
+        (["--solver-option", "depth=3"], "unknown option(s) ['depth'] for solver 'anderson'"),
+        (["--solver-option", "m"], "--solver-option takes KEY=VALUE"),
+        (["--solver", "newton"], "invalid choice: 'newton'"),
+        (["--backward-solver", "newton"], "solver must be one of"),
         (["--preset", "turbo"], "invalid choice"),
         (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
         (["--limit-train", "-5"], "--limit-train must be >= 0"),
@@ -167,17 +176,34 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
 
 def test_presets_and_overrides():
     cfg, preset = train.parse_args(["--preset", "fast", "--epochs", "3"])
-    assert preset == "fast" and cfg.epochs == 3 and cfg.backward == "implicit" and cfg.augment
+    assert preset == "fast" and cfg.epochs == 3 and cfg.model.backward == "implicit" and cfg.augment
     assert (cfg.time_budget_s, cfg.val_images, cfg.jac_reg, cfg.amp) == (270, 5000, 3.0, False)
+    assert cfg.model.solver_kwargs["max_iter"] == 20 and cfg.model.backward_kwargs["max_iter"] == 12
     seed, _ = train.parse_args(["--preset", "seed"])
     assert (seed.lr, seed.min_lr, seed.batch_size, seed.epochs, seed.augment) == (1e-3, 1e-6, 100, 50, False)
-    assert (seed.m, seed.f_tol, seed.f_max_iter, seed.b_tol, seed.b_max_iter) == (5, 1e-2, 25, 1e-2, 25)
+    assert seed.model.solver_kwargs == {"m": 5, "lam": 1e-4, "beta": 1.0, "tol": 1e-2, "max_iter": 25}
+    assert seed.model.backward_kwargs == seed.model.solver_kwargs and seed.model.backward_solver is None
+    # a solver's own options; backward, the same solver takes the same ones unless told otherwise
+    tuned, _ = train.parse_args(["--solver-option", "m=3", "--solver-option", "beta=0.5"])
+    assert tuned.model.solver_kwargs["m"] == tuned.model.backward_kwargs["m"] == 3
+    mixed, _ = train.parse_args(["--backward-solver", "forward", "--b-max-iter", "7", "--solver-option", "m=3"])
+    assert mixed.model.backward_kwargs == {"tol": 1e-2, "max_iter": 7} and mixed.model.solver_kwargs["m"] == 3
+    assert train.DEQClassifier(mixed.model).deq.backward_solver == "forward"
+
+
+def test_train_config_composes_the_model_config():
+    cfg, _ = train.parse_args(["--preset", "cpu"])
+    assert isinstance(cfg.model, train.ModelConfig)
+    model_fields = {f.name for f in train.fields(train.ModelConfig)}
+    assert not model_fields & {f.name for f in train.fields(train.TrainConfig)}  # no field declared twice
+    with pytest.raises(ValueError, match="unknown option"):
+        train.config_from_options({"depth": 3})
 
 
 def test_cpu_preset_fits_the_cpu_model_targets():
     cfg, _ = train.parse_args(["--preset", "cpu"])
-    model = train.DEQClassifier(train.model_config(cfg))
-    assert cfg.arch == "large" and sum(p.numel() for p in model.parameters()) <= 300_000
+    model = train.DEQClassifier(cfg.model)
+    assert cfg.model.arch == "large" and sum(p.numel() for p in model.parameters()) <= 300_000
     assert (cfg.jac_reg, cfg.bn_recalibrate, cfg.val_images, cfg.amp) == (2.0, 2000, 5000, False)
     assert cfg.time_budget_s <= 3 * 3600
 

@@ -22,7 +22,8 @@ from ..model import DEQClassifier
 from ..solvers import lookup
 from .figures import mark_divergence, residual_figure, update_traces
 from .images import PreparedImage
-from .inference import RACE, SolverResult, SolveSettings, solve, top_classes, trustworthy
+from . import inference
+from .inference import SolverResult, SolveSettings, solve, top_classes, trustworthy
 from .text import results_table, status, warnings
 
 __all__ = ["Frame", "stream_solve", "warm_up", "FRAME_INTERVAL"]
@@ -82,19 +83,22 @@ def stream_solve(
     image: Tensor | PreparedImage,
     settings: SolveSettings,
     *,
-    race: tuple[str, ...] = RACE,
+    race: tuple[str, ...] | None = None,
     interval: float = FRAME_INTERVAL,
 ) -> Iterator[Frame]:
     """Solve the image's equilibrium with each solver of ``race`` in turn, yielding Frames as it goes.
 
-    image: (1, 3, 32, 32) in [0, 1] (or a PreparedImage). The first frame comes with the first
+    image: (1, 3, 32, 32) in [0, 1] (or a PreparedImage); race: registered solver names, by
+    default ``inference.RACE``. The first frame comes with the first
     residual, then at most one per ``interval`` seconds; the last frame (final=True) holds the
     complete curves, the label, the table and any warnings. Closing the generator early stops
     the solves.
     """
     settings.validate()
     tensor = image.tensor if isinstance(image, PreparedImage) else image
-    race = tuple(race)
+    race = tuple(inference.RACE if race is None else race)  # read per call: the app's race is that one list
+    if not race:
+        raise ValueError("race must name at least one solver")
     for solver in race:
         lookup(solver)  # ValueError naming the registered solvers, before any work
     progress = _Progress({s: [] for s in race})
