@@ -101,7 +101,13 @@ def solve_request(catalogue: Catalogue, payload: dict | None, model_label: str, 
         if frame.final:
             for warning in frame.warnings:
                 gr.Warning(warning)
-        yield frame.figure, frame.label, frame.table, f"{frame.status}  \n{about}", preview if i == 0 else gr.skip()
+        yield (
+            frame.figure,
+            frame.label,
+            frame.table,
+            f"{frame.status}  \n{about}",
+            preview if i == 0 else gr.skip(),
+        )
 
 
 def describe_model(catalogue: Catalogue, label: str) -> tuple:
@@ -151,7 +157,10 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
                         cache_examples=False,  # explicit: Spaces would otherwise cache (final frames only)
                     )
                     model_choice = gr.Dropdown(
-                        catalogue.labels, value=catalogue.default, label="Model", visible=len(catalogue.labels) > 1
+                        catalogue.labels,
+                        value=catalogue.default,
+                        label="Model",
+                        visible=len(catalogue.labels) > 1,
                     )
                     beta = gr.Slider(0.1, 3.0, value=1.0, step=0.05, label="Anderson beta",
                                      info="mixing: < 1 damped, > 1 over-projected")  # fmt: skip

@@ -1,14 +1,19 @@
 """Train the DEQ CIFAR-10 classifier and write a checkpoint (safetensors + JSON card + log).
 
-    python train.py --preset seed --data data --out runs/seed          # SPEC's 50-epoch recipe
+    python train.py --preset seed --data data --out runs/seed          # the reference 50-epoch recipe
     python train.py --preset fast --data data --out runs/fast          # fastest to >= 81.6% on a GPU
     python train.py --preset cpu --data data --out runs/cpu            # 1.5 hours of a 2-core CPU
     torchrun --nproc_per_node=2 train.py --preset seed ...             # multi-GPU (DDP)
 
-Every TrainConfig field is a command-line option (--batch-size, --f-max-iter, ...); a preset
-sets defaults, explicit options override them. Data: see deq/data.py (class folders, e.g. the
-offline JPEG copy unpacked with `tar -xJf cifar10-jpeg.tar.xz -C data`, or torchvision's
-CIFAR10 with --download). --resume continues the run in --out from its last finished epoch.
+Every TrainConfig field is a command-line option (--batch-size, --jac-reg, ...), and so are the
+model's (MODEL_OPTIONS: --arch, --solver, --f-max-iter, --solver-option m=6, ...); a preset sets
+defaults, explicit options override them. Data: see deq/data.py (class folders, e.g. the offline
+JPEG copy unpacked with `tar -xJf cifar10-jpeg.tar.xz -C data`, or torchvision's CIFAR10 with
+--download). --resume continues the run in --out from its last finished epoch.
+
+Reading order: the config (TrainConfig, MODEL_OPTIONS, PRESETS, parse_args), setup (Process,
+data, model, the --out checks), one epoch (Schedule, run_epoch, evaluate_epoch), the record and
+checkpoint of an epoch, then main.
 """
 
 from __future__ import annotations
@@ -303,7 +308,9 @@ def build_model(cfg: TrainConfig, proc: Process) -> tuple[DEQClassifier, torch.n
         try:
             model.load_state_dict(init.state_dict())
         except RuntimeError as err:
-            raise ValueError(f"--init-from {cfg.init_from} does not fit this run's architecture: {err}") from None
+            raise ValueError(
+                f"--init-from {cfg.init_from} does not fit this run's architecture: {err}"
+            ) from None
         lineage = {"checkpoint": cfg.init_from, "card": init.card}
     model = model.to(proc.device)
     if cfg.channels_last:

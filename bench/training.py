@@ -5,7 +5,7 @@
     python -m bench.training --recipes       # whole training recipes side by side (CPU: ~3 min)
 
 1. Training images/s with the exact implicit backward vs the phantom (1-step) backward, same
-   forward solve (Anderson, tol 1e-2, max_iter 25 as in SPEC; the same options backward).
+   forward solve (Anderson, tol 1e-2, max_iter 25 as in the reference recipe; the same options backward).
 2. Activation memory of the DEQ vs the same cell unrolled for n iterations with ordinary
    backprop, for growing n: bytes of tensors autograd saves for backward (exact, any device),
    plus the CUDA peak allocation when run on a GPU.

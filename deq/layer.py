@@ -119,7 +119,7 @@ class DEQFixedPoint(nn.Module):
                 z = self.f(z, x)
             return z, info
 
-        # Implicit backward (SPEC): one re-engaging call of f gives the (df/dparams)^T and
+        # Implicit backward: one re-engaging call of f gives the (df/dparams)^T and
         # (df/dx)^T products; the hook replaces the incoming gradient y by the solution g of
         # g = (df/dz)^T g + y, computed with VJPs of a separate f(z0, x) graph.
         z = self.f(z_star, x)

@@ -159,7 +159,9 @@ def register_architecture(name: str, architecture: Architecture, *, replace: boo
 
 
 def _seed_stem(config: ModelConfig) -> nn.Module:  # Conv(3, C) -> BN, at full resolution
-    return nn.Sequential(nn.Conv2d(3, config.n_channels, 3, padding=1, bias=True), nn.BatchNorm2d(config.n_channels))
+    return nn.Sequential(
+        nn.Conv2d(3, config.n_channels, 3, padding=1, bias=True), nn.BatchNorm2d(config.n_channels)
+    )
 
 
 def _seed_head(config: ModelConfig) -> nn.Module:  # BN -> AvgPool -> Linear
@@ -234,9 +236,7 @@ class DEQClassifier(nn.Module):
         logits = self.head(z)
         return (logits, info) if return_info else logits
 
-    def predict(
-        self, images: Tensor, solver: str | None = None, **overrides
-    ) -> tuple[Tensor, SolverStats]:
+    def predict(self, images: Tensor, solver: str | None = None, **overrides) -> tuple[Tensor, SolverStats]:
         """Logits (B, n_classes) of images (B, 3, S, S) in [0, 1] and the forward solve's stats,
         without autograd. ``solver`` and ``overrides`` (tol, max_iter, beta, callback, z0, ...)
         replace the model's own solver settings for this call only."""

@@ -246,7 +246,7 @@ def anderson(
     callback: Callback | None = None,
     check_every: int | None = None,
 ) -> tuple[Tensor, SolverStats]:
-    """Anderson acceleration with memory m, regulariser lam and mixing beta (SPEC).
+    """Anderson acceleration with memory m, regulariser lam and mixing beta.
 
     Keeps the last m iterates z_i and residuals g_i = f(z_i) - z_i (B, m, D) and, per sample,
     picks alpha minimising ||G alpha||^2 + lam' ||alpha||^2 subject to sum(alpha) = 1; then
@@ -277,7 +277,8 @@ def anderson(
         row = torch.bmm(g.unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
         gram[:, slot, :n] = row
         gram[:, :n, slot] = row
-        # The SPEC's bordered system has the closed form alpha = H^-1 1 / (1^T H^-1 1).
+        # The bordered least-squares system [[0, 1^T], [1, H]] has the closed form
+        # alpha = H^-1 1 / (1^T H^-1 1).
         H = gram[:, :n, :n] / row[:, slot, None, None].clamp_min(_EPS)
         H.diagonal(dim1=1, dim2=2).add_(lam)
         w = torch.linalg.solve_ex(H, ones[:, :n])[0]  # (B, n, 1); no host sync
@@ -379,7 +380,8 @@ class Solver:
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise ValueError(
-                f"{argument}: unknown option(s) {unknown} for solver {self.name!r}; accepted: {sorted(accepted)}"
+                f"{argument}: unknown option(s) {unknown} for solver {self.name!r}; "
+                f"accepted: {sorted(accepted)}"
             )
         opts = {**accepted, **options}
         _validate(opts["tol"], opts["max_iter"], opts["check_every"], opts["callback"])
@@ -420,9 +422,13 @@ def register_solver(
     if name in SOLVERS and not replace:
         raise ValueError(f"solver {name!r} is already registered (pass replace=True to replace it)")
     params = inspect.signature(fn).parameters
-    missing = [p for p in COMMON_OPTIONS if p not in params or params[p].kind is not inspect.Parameter.KEYWORD_ONLY]
+    missing = [
+        p for p in COMMON_OPTIONS if p not in params or params[p].kind is not inspect.Parameter.KEYWORD_ONLY
+    ]
     if missing:
-        raise ValueError(f"fn must take the keyword-only options {list(COMMON_OPTIONS)}; {name!r} lacks {missing}")
+        raise ValueError(
+            f"fn must take the keyword-only options {list(COMMON_OPTIONS)}; {name!r} lacks {missing}"
+        )
     solver = Solver(name, fn, label or name, validate)
     SOLVERS[name] = solver
     return solver

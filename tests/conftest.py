@@ -52,7 +52,9 @@ def app_catalogue(tiny_checkpoint, tmp_path_factory):
     from deq.demo.catalogue import load_catalogue
 
     empty = tmp_path_factory.mktemp("no-checkpoints")
-    return load_catalogue({"DEQ_MODEL": str(tiny_checkpoint), "DEQ_CHECKPOINTS": str(empty), "DEQ_DEVICE": "cpu"})
+    return load_catalogue(
+        {"DEQ_MODEL": str(tiny_checkpoint), "DEQ_CHECKPOINTS": str(empty), "DEQ_DEVICE": "cpu"}
+    )
 
 
 @pytest.fixture(scope="session")

@@ -574,32 +574,51 @@ def test_app_solve_generator(app_module, app_catalogue):
         (None, None, "", "Upload an image or pick an example.", None)
     ]
     data_url = "data:image/jpeg;base64," + base64.b64encode((EXAMPLES / "frog.jpg").read_bytes()).decode()
-    assert list(app_module.solve_request(app_catalogue, {"url": data_url, "path": None}, *args))[-1][1] == label
+    assert (
+        list(app_module.solve_request(app_catalogue, {"url": data_url, "path": None}, *args))[-1][1] == label
+    )
     with pytest.raises(gr.Error, match="links are not fetched"):
-        next(app_module.solve_request(app_catalogue, {"url": "https://example.com/x.png", "path": None}, *args))
+        next(
+            app_module.solve_request(app_catalogue, {"url": "https://example.com/x.png", "path": None}, *args)
+        )
     for bad_label in ("nope", ["a", "list"], {"a": 1}):
         with pytest.raises(gr.Error, match="Unknown model"):
-            next(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, bad_label, *args[1:]))
+            next(
+                app_module.solve_request(
+                    app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, bad_label, *args[1:]
+                )
+            )
         with pytest.raises(gr.Error, match="Unknown model"):
             app_module.describe_model(app_catalogue, bad_label)
     with pytest.raises(gr.Error, match="out of range"):  # once {"error": null} and a traceback
-        next(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args[:-1], 10**400))
+        next(
+            app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args[:-1], 10**400)
+        )
     with pytest.raises(gr.Error, match="beta"):
         next(
-            app_module.solve_request(app_catalogue, 
-                {"path": str(EXAMPLES / "frog.jpg")}, app_catalogue.default, 50.0, -3, 5, -4, 20
+            app_module.solve_request(
+                app_catalogue,
+                {"path": str(EXAMPLES / "frog.jpg")},
+                app_catalogue.default,
+                50.0,
+                -3,
+                5,
+                -4,
+                20,
             )
         )
 
 
 @pytest.mark.parametrize(("name", "make", "message"), BAD_INPUTS)
-def test_app_turns_bad_input_into_a_clear_ui_error(app_module, app_catalogue, tmp_path, monkeypatch, name, make, message):
+def test_app_turns_bad_input_into_a_clear_ui_error(
+    app_module, app_catalogue, tmp_path, monkeypatch, name, make, message
+):
     gr = pytest.importorskip("gradio")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # stored as Gradio stores an upload
     with pytest.raises(gr.Error, match=message):
         next(
-            app_module.solve_request(app_catalogue, 
-                {"path": str(make(tmp_path / name))}, app_catalogue.default, 1.0, -3, 5, -4, 20
+            app_module.solve_request(
+                app_catalogue, {"path": str(make(tmp_path / name))}, app_catalogue.default, 1.0, -3, 5, -4, 20
             )
         )
 
@@ -620,8 +639,12 @@ def test_the_api_never_reads_server_files_it_did_not_store(app_module, app_catal
         refusals.add(err.value.message)
     assert refusals == {"Only images uploaded to this app can be read."}  # reveals nothing
     (uploads / "frog.jpg").write_bytes(secret.read_bytes())
-    assert list(app_module.solve_request(app_catalogue, {"path": str(uploads / "frog.jpg")}, *args))[-1][1]  # a real upload
-    assert list(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args))[-1][1]  # an example
+    assert list(app_module.solve_request(app_catalogue, {"path": str(uploads / "frog.jpg")}, *args))[-1][
+        1
+    ]  # a real upload
+    assert list(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args))[-1][
+        1
+    ]  # an example
     huge = "data:image/png;base64," + "A" * (MAX_DATA_URL_CHARS + 4)
     with pytest.raises(gr.Error, match="over"):
         next(app_module.solve_request(app_catalogue, {"url": huge, "path": None}, *args))
@@ -642,8 +665,8 @@ def test_app_warns_when_a_solver_diverges(app_module, app_catalogue):
     model.deq.f = NaNAfter(model.deq.f, 4)
     catalogue = Catalogue({"diverging": ServedModel("diverging", "-", model, [], None)}, "diverging")
     with pytest.warns(UserWarning, match="diverged"):  # gr.Warning outside a request warns
-        frames = list(app_module.solve_request(catalogue, {"path": str(EXAMPLES / "cat.jpg")}, "diverging", 3.0,
-                                               -4, 5, -4, 50))  # fmt: skip
+        frames = list(app_module.solve_request(catalogue, {"path": str(EXAMPLES / "cat.jpg")}, "diverging",
+                                               3.0, -4, 5, -4, 50))  # fmt: skip
     plot, label, table, status, _ = frames[-1]
     assert "**diverged**" in table and "⚠️" in status and "NaN" not in plot.to_json()
     assert label is None or all(math.isfinite(v) for v in label.values())

@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deq.data import augment, batches, describe_source, load_cifar10
-from deq.data import CIFAR10_CLASSES
+from deq.data import CIFAR10_CLASSES, augment, batches, describe_source, load_cifar10
 
 
 def make_cifar_folder(

@@ -83,7 +83,9 @@ def test_a_registered_solver_trains_evaluates_and_races(toy_solver, tmp_path, ca
 
     from deq.evaluate import main as evaluate_main
 
-    evaluate_main([str(out), "--data", str(data), "--solver", toy_solver, "--tol", "1e-3", "--max-iter", "30"])
+    evaluate_main(
+        [str(out), "--data", str(data), "--solver", toy_solver, "--tol", "1e-3", "--max-iter", "30"]
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["solver"]["solver"] == "damped" and report["images"] == 10
 
@@ -121,7 +123,9 @@ def test_the_registry_refuses_what_it_cannot_serve(toy_solver):
     assert "bare" not in SOLVERS and "nothing" not in SOLVERS
     with pytest.raises(ValueError, match="solver must be one of"):
         ModelConfig(backward_solver="newton")
-    with pytest.raises(ValueError, match="damping must be in"):  # backward options checked for the backward solver
+    with pytest.raises(
+        ValueError, match="damping must be in"
+    ):  # backward options checked for the backward solver
         ModelConfig(backward_solver=toy_solver, backward_kwargs={"damping": 2.0})
 
 
@@ -129,15 +133,18 @@ def test_architectures_come_from_a_registry():
     assert {"seed", "large"} <= set(ARCHITECTURES)
     tiny = Architecture(
         stem=lambda c: torch.nn.Conv2d(3, c.n_channels, 3, stride=4, padding=1),
-        head=lambda c: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                           torch.nn.Linear(c.n_channels, c.n_classes)),  # fmt: skip
+        head=lambda c: torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c.n_channels, c.n_classes)
+        ),  # fmt: skip
     )
     from deq.model import register_architecture
 
     register_architecture("tiny-test", tiny)
     try:
         model = DEQClassifier(ModelConfig(arch="tiny-test", n_channels=8, n_inner_channels=8, n_groups=4))
-        logits, stats = model.eval().predict(torch.rand(2, 3, 32, 32), solver="forward", tol=1e-3, max_iter=40)
+        logits, stats = model.eval().predict(
+            torch.rand(2, 3, 32, 32), solver="forward", tol=1e-3, max_iter=40
+        )
         assert logits.shape == (2, 10) and stats.solver == "forward"
         with pytest.raises(ValueError, match="already registered"):
             register_architecture("tiny-test", tiny)

@@ -103,7 +103,9 @@ def test_the_training_log_is_written_atomically_and_a_damaged_one_is_named(data_
 
     from deq.checkpoint import EpochRecord, read_log, write_log
 
-    first = EpochRecord(epoch=1, train_loss=2.0, train_error=0.5, eval_split="val", eval_loss=2.1, eval_error=0.6)
+    first = EpochRecord(
+        epoch=1, train_loss=2.0, train_error=0.5, eval_split="val", eval_loss=2.1, eval_error=0.6
+    )
     write_log(tmp_path, [first])
     real_write_text = Path.write_text
 
@@ -186,7 +188,9 @@ def test_presets_and_overrides():
     # a solver's own options; backward, the same solver takes the same ones unless told otherwise
     tuned, _ = train.parse_args(["--solver-option", "m=3", "--solver-option", "beta=0.5"])
     assert tuned.model.solver_kwargs["m"] == tuned.model.backward_kwargs["m"] == 3
-    mixed, _ = train.parse_args(["--backward-solver", "forward", "--b-max-iter", "7", "--solver-option", "m=3"])
+    mixed, _ = train.parse_args(
+        ["--backward-solver", "forward", "--b-max-iter", "7", "--solver-option", "m=3"]
+    )
     assert mixed.model.backward_kwargs == {"tol": 1e-2, "max_iter": 7} and mixed.model.solver_kwargs["m"] == 3
     assert train.DEQClassifier(mixed.model).deq.backward_solver == "forward"
 

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from ..model import DEQClassifier
 from ..solvers import lookup
+from . import inference
 from .figures import mark_divergence, residual_figure, update_traces
 from .images import PreparedImage
-from . import inference
 from .inference import SolverResult, SolveSettings, solve, top_classes, trustworthy
 from .text import results_table, status, warnings
 

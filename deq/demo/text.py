@@ -57,7 +57,8 @@ def _speedup(a: SolverResult, base: SolverResult) -> str:
     wall = base.wall_s / a.wall_s if a.wall_s > 0 else float("inf")
     return (
         f"**Speed-up of {a.label} over {base.label}:** {at_least}{evals:.1f}x fewer f-evaluations, "
-        f"{at_least}{wall:.1f}x less wall time" + ("" if base.converged else f" ({base.label} did not reach tol)")
+        f"{at_least}{wall:.1f}x less wall time"
+        + ("" if base.converged else f" ({base.label} did not reach tol)")
     )
 
 
