@@ -79,6 +79,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     jac_reg: float = 0.0  # weight of the Jacobian regulariser ||df/dz||_F^2 / dim (0 = off)
+    jac_target: float = 0.0  # > 0: penalise only the excess over this ||df/dz||_F^2 / dim (a hinge)
     # --- evaluation after each epoch
     test_flip: bool = False  # average logits over the image and its mirror
     bn_recalibrate: int = 0  # recompute BatchNorm statistics on this many training images first (0 = off)
@@ -233,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if not 0 <= cfg.warmup < 1:
         parser.error("--warmup must be in [0, 1)")
+    if not (cfg.jac_reg >= 0 and cfg.jac_target >= 0 and math.isfinite(cfg.jac_reg + cfg.jac_target)):
+        parser.error("--jac-reg and --jac-target must be finite numbers >= 0")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -419,11 +422,17 @@ def shared_clock(seconds: float, proc: Process) -> float:
 
 def training_loss(model, x, y, cfg: TrainConfig, device_type: str):
     """(logits, DEQInfo, cross-entropy, loss to minimise) of one batch: the cross-entropy plus
-    ``cfg.jac_reg`` times the Jacobian penalty, under bf16 autocast when ``cfg.amp``."""
+    ``cfg.jac_reg`` times the Jacobian penalty (with ``cfg.jac_target``, only its excess over the
+    target: the cell may be as far from contractive as the target, no more), under bf16 autocast
+    when ``cfg.amp``."""
     with torch.autocast(device_type, torch.bfloat16, enabled=cfg.amp):
         logits, info = model(x, return_info=True, jacobian_penalty=cfg.jac_reg > 0)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        loss = ce if info.jacobian_penalty is None else ce + cfg.jac_reg * info.jacobian_penalty
+        if info.jacobian_penalty is None:
+            return logits, info, ce, ce
+        penalty = info.jacobian_penalty
+        excess = torch.relu(penalty - cfg.jac_target) if cfg.jac_target > 0 else penalty
+        loss = ce + cfg.jac_reg * excess
     return logits, info, ce, loss
 
 

@@ -6,6 +6,7 @@ model tab and the Hub model repo's README alike.
 from __future__ import annotations
 
 from .model import DEQClassifier
+from .solvers import SOLVERS
 
 __all__ = ["card_markdown"]
 
@@ -100,8 +101,8 @@ def _curve_table(curve) -> list[str]:
         return []
     try:
         budgets = [int(k) for k in curve["budgets"]]
-        rows = [(name, [float(a) for a in curve[key]]) for key, name in
-                (("anderson", "Anderson"), ("forward", "forward iteration")) if key in curve]  # fmt: skip
+        rows = [(solver.label, [float(a) for a in curve[name]]) for name, solver in SOLVERS.items()
+                if name in curve]  # fmt: skip
         if not rows or any(len(accs) != len(budgets) for _, accs in rows):
             return []
         where = f" on {curve['device']}" if curve.get("device") else ""

@@ -212,6 +212,24 @@ def test_cpu_preset_fits_the_cpu_model_targets():
     assert cfg.time_budget_s <= 3 * 3600
 
 
+def test_jacobian_target_penalises_only_the_excess():
+    torch.manual_seed(0)
+    model = train.DEQClassifier(train.ModelConfig(n_channels=16, n_inner_channels=16, n_groups=4))
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    cfg, _ = train.parse_args(["--jac-reg", "2"])
+    torch.manual_seed(1)
+    _, info, ce, plain = train.training_loss(model, x, y, cfg, "cpu")
+    jac = float(info.jacobian_penalty)
+    assert float(plain) == pytest.approx(float(ce) + 2 * jac, rel=1e-5)
+    for target, expected in ((jac / 2, jac / 2), (jac * 2, 0.0)):  # the same random projection each time
+        cfg, _ = train.parse_args(["--jac-reg", "2", "--jac-target", str(target)])
+        torch.manual_seed(1)
+        _, _, ce, loss = train.training_loss(model, x, y, cfg, "cpu")
+        assert float(loss) == pytest.approx(float(ce) + 2 * expected, rel=1e-4, abs=1e-7)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--jac-target", "-1"])
+
+
 def test_batchnorm_recalibration_sets_exact_statistics_and_keeps_momentum():
     torch.manual_seed(0)
     model = train.DEQClassifier(train.ModelConfig(n_channels=16, n_inner_channels=16, n_groups=4))
