@@ -14,6 +14,7 @@ first use from the environment's catalogue.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,16 +226,22 @@ def environment_catalogue() -> Catalogue:
     return catalogue
 
 
+_building = threading.Lock()
+
+
 def __getattr__(name: str):
     """``app.demo``, built on first use (PEP 562): importing app loads no model."""
-    if name == "demo":
-        demo = globals()["demo"] = build_demo(environment_catalogue())
-        return demo
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name != "demo":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _building:  # two first uses at once build one page
+        if "demo" not in globals():
+            globals()["demo"] = build_demo(environment_catalogue())
+    return globals()["demo"]
 
 
 if __name__ == "__main__":
     # One intra-op thread per request: a single 32x32 image is too little work to split, and
     # concurrent requests then use the cores instead of contending for them.
     torch.set_num_threads(int(os.environ.get("DEQ_THREADS", "1")))
-    build_demo(environment_catalogue()).launch(**LAUNCH_KWARGS)
+    demo = build_demo(environment_catalogue())
+    demo.launch(**LAUNCH_KWARGS)

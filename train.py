@@ -10,11 +10,11 @@ model's (MODEL_OPTIONS: --arch, --solver, --f-max-iter, --solver-option m=6, ...
 defaults, explicit options override them. Data: see deq/data.py (class folders, e.g. the offline
 JPEG copy unpacked with `tar -xJf cifar10-jpeg.tar.xz -C data`, or torchvision's CIFAR10 with
 --download). --resume continues the run in --out from its last finished epoch.
-
-Reading order: the config (TrainConfig, MODEL_OPTIONS, PRESETS, parse_args), setup (Process,
-data, model, the --out checks), one epoch (Schedule, run_epoch, evaluate_epoch), the record and
-checkpoint of an epoch, then main.
 """
+
+# Reading order: the config (TrainConfig, MODEL_OPTIONS, PRESETS, parse_args), setup (Process,
+# data, model, the --out checks), one epoch (Schedule, run_epoch, evaluate_epoch), the record and
+# checkpoint of an epoch, then main.
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from deq.checkpoint import (
     EpochRecord,
     load_model,
     load_state,
+    read_config,
     read_log,
     save_checkpoint,
     save_state,
@@ -53,7 +54,8 @@ from deq.checkpoint import (
 )
 from deq.data import batches, describe_source, load_cifar10, random_subset, split_validation
 from deq.evaluate import device_label, evaluate
-from deq.solvers import SOLVERS, lookup
+from deq.layer import BACKWARD_MODES
+from deq.solvers import COMMON_OPTIONS, SOLVERS, lookup
 
 
 @dataclass
@@ -149,36 +151,52 @@ def _option_value(text: str):
         return text
 
 
-def _solver_options(pairs, argument: str) -> dict:
+def _solver_options(pairs, flag: str) -> dict:
+    """A solver's own options from repeated KEY=VALUE; tol and max_iter have flags of their own."""
     options = {}
     for pair in pairs:
         key, sep, value = str(pair).partition("=")
         if not sep or not key:
-            raise ValueError(f"--{argument} takes KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        if key in COMMON_OPTIONS:
+            raise ValueError(
+                f"{flag} {key}=...: {key} is set by --f-tol/--f-max-iter (forward) and --b-tol/--b-max-iter "
+                "(backward)"
+                if key in ("tol", "max_iter")
+                else f"{flag} {key}=...: not a training option"
+            )
         options[key] = _option_value(value)
     return options
 
 
 def model_config(options: dict) -> ModelConfig:
     """The ModelConfig of MODEL_OPTIONS-style options (missing ones take MODEL_OPTIONS' defaults).
-    Raises ValueError naming a bad option."""
+    Raises ValueError naming the command-line option at fault."""
     o = {**MODEL_OPTIONS, **options}
-    forward = lookup(o["solver"])
-    backward = lookup(o["backward_solver"] or o["solver"])
-    own = _solver_options(o["solver_option"], "solver-option")
-    if o["backward_option"] or backward is not forward:
-        backward_own = _solver_options(o["backward_option"], "backward-option")
-    else:
-        backward_own = own  # the same solver backward: the same options
+    forward = _lookup_flag(o["solver"], "--solver")
+    backward = _lookup_flag(o["backward_solver"] or o["solver"], "--backward-solver")
+    own = _solver_options(o["solver_option"], "--solver-option")
+    backward_own = _solver_options(o["backward_option"], "--backward-option")
+    if backward is forward:  # the same solver backward: the forward's own options, then any of its own
+        backward_own = {**own, **backward_own}
     solver_kwargs = {**_own_defaults(forward.name), "tol": o["f_tol"], "max_iter": o["f_max_iter"], **own}
     backward_kwargs = {**_own_defaults(backward.name), "tol": o["b_tol"], "max_iter": o["b_max_iter"],
                        **backward_own}  # fmt: skip
+    forward.check(solver_kwargs, "--solver-option/--f-tol/--f-max-iter")
+    backward.check(backward_kwargs, "--backward-option/--b-tol/--b-max-iter")
     return ModelConfig(
         arch=o["arch"], n_channels=o["n_channels"], n_inner_channels=o["n_inner_channels"],
         n_groups=o["n_groups"], init_std=o["init_std"], solver=forward.name, solver_kwargs=solver_kwargs,
         backward=o["backward"], backward_solver=o["backward_solver"] or None, backward_kwargs=backward_kwargs,
         phantom_steps=o["phantom_steps"],
     )  # fmt: skip
+
+
+def _lookup_flag(name: str, flag: str):
+    try:
+        return lookup(name)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
 
 
 def _own_defaults(solver: str) -> dict:
@@ -198,9 +216,29 @@ def config_from_options(options: dict) -> TrainConfig:
     return TrainConfig(model=model, **{k: v for k, v in options.items() if k in train_fields})
 
 
+#: --help texts that say more than the default.
+OPTION_HELP = {
+    "solver": "forward solver, any registered one (default: 'anderson')",
+    "backward_solver": "solver of the implicit backward (default: the forward solver)",
+    "solver_option": "a forward solver option of its own, e.g. m=6, lam=1e-3, beta=0.8 for Anderson "
+    "(default: the solver's own defaults, m=5 lam=1e-4 beta=1 for Anderson); repeatable; the "
+    "backward solve takes them too when it uses the same solver",
+    "backward_option": "a backward solver option of its own (as --solver-option); repeatable",
+    "backward": "implicit: the exact implicit gradient; phantom: backprop through --phantom-steps "
+    "applications of f at z* (default: 'implicit')",
+    "jac_target": "with --jac-reg: penalise only the Jacobian penalty's excess over this value "
+    "(default: 0, off)",
+}
+
+
+def _choices(option: str) -> list[str] | None:
+    """The values an option takes, where they are few; solvers as registered when asked."""
+    return {"solver": sorted(SOLVERS), "backward": list(BACKWARD_MODES)}.get(option)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="a named recipe; explicit options override its settings")  # fmt: skip
@@ -212,11 +250,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                                 help=f"(default: {default})")  # fmt: skip
         elif isinstance(default, tuple):
             parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE",
-                                help="a solver's own option, e.g. m=6 (repeatable)")  # fmt: skip
+                                help=OPTION_HELP[name])  # fmt: skip
         else:
-            choices = sorted(SOLVERS) if name == "solver" else None
-            parser.add_argument(flag, type=type(default), default=None, metavar=name.upper(), choices=choices,
-                                help=f"(default: {default!r})")  # fmt: skip
+            help_text = OPTION_HELP.get(name, f"(default: {default!r})")
+            parser.add_argument(flag, type=type(default), default=None, metavar=name.upper(),
+                                choices=_choices(name), help=help_text)  # fmt: skip
+    if argv is None:
+        argv = sys.argv[1:]
+    for old in ("--m", "--lam"):  # the Anderson flags of earlier versions
+        if any(a == old or a.startswith(old + "=") for a in argv):
+            parser.error(f"{old} is now --solver-option {old[2:]}=VALUE (--backward-option for the backward)")
     args = parser.parse_args(argv)  # unknown options: argparse exits with an error
     values = dict(PRESETS[args.preset]) if args.preset else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
@@ -367,11 +410,18 @@ def check_out_dir(cfg: TrainConfig, out: Path) -> dict | None:
         )
     saved = state.get("config")
     if saved is None:  # states from before the config was stored in them: the card has it
-        saved = json.loads((out / CONFIG_NAME).read_text())["card"].get("train_config", {})
+        saved = read_config(out)["card"].get("train_config", {})
     differences = [
         f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
         for k, v in dataclasses.asdict(cfg).items()
-        if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v
+        if k not in RESUMABLE_CHANGES and k != "model" and k in saved and saved[k] != v
+    ]
+    # the model as the run saved it (every version of train.py writes it into config.json)
+    saved_model, model = _stated(read_config(out)["model"]), _stated(cfg.model.to_dict())
+    differences += [
+        f"{MODEL_FLAGS.get(k, '--' + k.replace('_', '-'))} {saved_model.get(k)!r} -> {v!r}"
+        for k, v in model.items()
+        if saved_model.get(k) != v
     ]
     if differences:
         raise ValueError(
@@ -379,6 +429,27 @@ def check_out_dir(cfg: TrainConfig, out: Path) -> dict | None:
             "Resume with the run's own options, or start a new run"
         )
     return state
+
+
+#: The command-line options behind ModelConfig fields whose names differ.
+MODEL_FLAGS = {
+    "solver_kwargs": "--solver-option/--f-tol/--f-max-iter",
+    "backward_kwargs": "--backward-option/--b-tol/--b-max-iter",
+}
+
+
+def _stated(model: dict) -> dict:
+    """A model config dict with every solver option stated (defaults filled in, the backward's
+    solver and options spelled out), so equal settings compare equal however they were written."""
+    model = dict(model)
+    solver = model.get("solver", "anderson")
+    model["backward_solver"] = model.get("backward_solver") or solver
+    if model.get("backward_kwargs") is None:
+        model["backward_kwargs"] = model.get("solver_kwargs", {})
+    for key, name in (("solver_kwargs", solver), ("backward_kwargs", model["backward_solver"])):
+        if name in SOLVERS:
+            model[key] = {**_own_defaults(name), **model.get(key, {})}
+    return model
 
 
 # ----------------------------------------------------------------------------- train / eval
@@ -618,6 +689,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     state = check_out_dir(cfg, out)  # before the slow data loading: a refused run fails fast
+    if state is not None and read_config(out)["card"].get("finished"):
+        print(f"{out} holds a finished run: nothing to resume")
+        return {}
     train_data, eval_data = load_data(cfg, proc)
     model, net, lineage = build_model(cfg, proc)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

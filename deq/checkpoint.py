@@ -136,7 +136,7 @@ class EpochRecord:
         names = {f.name for f in fields(cls)}
         for key, value in data.items():
             name = "eval_" + key.removeprefix(split + "_") if key.startswith(split + "_") else key
-            if name not in names or name == "eval_split":
+            if name not in names or name == "eval_split" or key.startswith("eval_"):
                 raise ValueError(f"unknown field {key!r}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"field {key!r} must be a number or null, got {value!r}")

@@ -238,8 +238,9 @@ class DEQClassifier(nn.Module):
 
     def predict(self, images: Tensor, solver: str | None = None, **overrides) -> tuple[Tensor, SolverStats]:
         """Logits (B, n_classes) of images (B, 3, S, S) in [0, 1] and the forward solve's stats,
-        without autograd. ``solver`` and ``overrides`` (tol, max_iter, beta, callback, z0, ...)
-        replace the model's own solver settings for this call only."""
+        without autograd. ``overrides`` (tol, max_iter, beta, callback, z0, ...) replace the
+        model's own solver settings for this call only; with another ``solver`` than the model's,
+        the options not given are that solver's defaults, not the model's."""
         with torch.no_grad():
             z, stats = self.deq.solve(self.inject(images), solver=solver, **overrides)
             return self.head(z), stats

@@ -345,8 +345,6 @@ SolverFn = Callable[..., tuple[Tensor, SolverStats]]
 #: Options every solver takes; the layer and the apps set them per call. The rest of a solver's
 #: keyword-only options are its own (Anderson's m, lam, beta).
 COMMON_OPTIONS = ("tol", "max_iter", "callback", "check_every")
-#: Options that steer one call rather than describe the solve: never stored in a model config.
-RUNTIME_OPTIONS = ("callback", "check_every")
 
 
 @dataclass(frozen=True)
@@ -384,9 +382,12 @@ class Solver:
                 f"accepted: {sorted(accepted)}"
             )
         opts = {**accepted, **options}
-        _validate(opts["tol"], opts["max_iter"], opts["check_every"], opts["callback"])
-        if self.validate is not None:
-            self.validate(**{k: opts[k] for k in self.own_options})
+        try:
+            _validate(opts["tol"], opts["max_iter"], opts["check_every"], opts["callback"])
+            if self.validate is not None:
+                self.validate(**{k: opts[k] for k in self.own_options})
+        except ValueError as err:
+            raise ValueError(f"{argument}: {err}") from None
 
     def select(self, settings: dict) -> dict:
         """The entries of ``settings`` this solver takes (a UI's settings cover every solver)."""
@@ -422,13 +423,15 @@ def register_solver(
     if name in SOLVERS and not replace:
         raise ValueError(f"solver {name!r} is already registered (pass replace=True to replace it)")
     params = inspect.signature(fn).parameters
-    missing = [
-        p for p in COMMON_OPTIONS if p not in params or params[p].kind is not inspect.Parameter.KEYWORD_ONLY
-    ]
+    keyword_only = {p: v for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
+    missing = [p for p in COMMON_OPTIONS if p not in keyword_only]
     if missing:
         raise ValueError(
             f"fn must take the keyword-only options {list(COMMON_OPTIONS)}; {name!r} lacks {missing}"
         )
+    no_default = [p for p, v in keyword_only.items() if v.default is inspect.Parameter.empty]
+    if no_default:  # a model config states every option: each needs a value to state
+        raise ValueError(f"every keyword-only option of {name!r} needs a default; {no_default} have none")
     solver = Solver(name, fn, label or name, validate)
     SOLVERS[name] = solver
     return solver
@@ -444,7 +447,10 @@ def lookup(name: str) -> Solver:
     try:
         return SOLVERS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}") from None
+        raise ValueError(
+            f"solver must be one of {sorted(SOLVERS)}, got {name!r} (a solver of your own must be "
+            "registered with register_solver, in this process, before it is used)"
+        ) from None
 
 
 def get_solver(name: str) -> SolverFn:

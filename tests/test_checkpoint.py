@@ -221,3 +221,26 @@ def test_budget_curve_matches_single_budget_evaluations_and_is_recorded(saved, t
     assert load_model(path).card["budget_curve"] == printed
     with pytest.raises(SystemExit):
         evaluate_main([str(path), "--data", str(data), "--curve", "--solver", "forward"])
+
+
+def test_the_training_log_schema_reads_what_train_py_writes_and_refuses_the_rest():
+    from deq.checkpoint import EpochRecord
+
+    line = {"epoch": 2.0, "train_loss": 1.0, "train_error": 0.3, "val_loss": 1.1, "val_error": 0.35,
+            "forward_iters": 9.0, "backward_residual": None, "val_forward_iters": 7.5,
+            "lr": 1e-3}  # fmt: skip
+    record = EpochRecord.from_json(line)
+    assert (record.eval_split, record.eval_error, record.eval_forward_iters) == ("val", 0.35, 7.5)
+    assert {k: v for k, v in record.to_json().items() if v is not None} == {
+        k: v for k, v in line.items() if v is not None
+    }  # written back under the same keys
+    for bad, message in (
+        ({**line, "test_error": 0.1}, "exactly one of"),  # evaluated on two splits?
+        ({**line, "eval_error": 0.1}, "unknown field 'eval_error'"),  # the in-memory name is not a key
+        ({**line, "note": "x"}, "unknown field 'note'"),
+        ({**line, "lr": "fast"}, "'lr' must be a number"),
+        ({k: v for k, v in line.items() if k != "train_loss"}, r"missing field\(s\) \['train_loss'\]"),
+        ([1], "must be a JSON object"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            EpochRecord.from_json(bad)

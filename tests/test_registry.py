@@ -114,14 +114,17 @@ def test_the_registry_refuses_what_it_cannot_serve(toy_solver):
         register_solver(toy_solver, damped)
     with pytest.raises(ValueError, match=r"lacks \['callback', 'check_every'\]"):
         register_solver("bare", lambda f, z0, *, tol=1e-2, max_iter=50: (z0, None))
+    with pytest.raises(ValueError, match=r"needs a default; \['depth'\] have none"):
+        register_solver("nodefault", lambda f, z0, *, depth, tol=1e-2, max_iter=50, callback=None,
+                        check_every=None: 0)  # fmt: skip
     with pytest.raises(ValueError, match="fn must be callable"):
         register_solver("nothing", None)
     with pytest.raises(ValueError, match="name must be"):
         register_solver("two words", damped)
     with pytest.raises(ValueError, match="solver must be one of"):
         check_solver_kwargs("newton", {})
-    assert "bare" not in SOLVERS and "nothing" not in SOLVERS
-    with pytest.raises(ValueError, match="solver must be one of"):
+    assert not {"bare", "nothing", "nodefault"} & set(SOLVERS)
+    with pytest.raises(ValueError, match="solver must be one of.*registered with register_solver"):
         ModelConfig(backward_solver="newton")
     with pytest.raises(
         ValueError, match="damping must be in"

@@ -53,18 +53,23 @@ def test_end_to_end_checkpoint_loads_and_matches_its_card(data_dir, tmp_path):
     )
 
 
+def die_on_call(n: int, fn):
+    """``fn``, except that its n-th call raises KeyboardInterrupt (a run killed there)."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(data_dir, tmp_path, monkeypatch):
     run(data_dir, tmp_path / "full", "--backward", "phantom")
-    calls = {"n": 0}
     real_evaluate = train.evaluate
-
-    def evaluate_then_die(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed during epoch 2
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate", evaluate_then_die)
+    monkeypatch.setattr(train, "evaluate", die_on_call(2, real_evaluate))  # killed during epoch 2
     with pytest.raises(KeyboardInterrupt):
         run(data_dir, tmp_path / "cut", "--backward", "phantom")
     assert load_model(tmp_path / "cut").card["epochs"] == 1
@@ -89,6 +94,12 @@ def test_a_run_is_never_silently_replaced_or_misrecorded(data_dir, tmp_path, mon
         run(data_dir, tmp_path / "empty", "--resume")
     with pytest.raises(ValueError, match=r"differ from the saved run.*--epochs 1 -> 2; --lr 0.001 -> 0.5\."):
         run(data_dir, out, "--epochs", "2", "--lr", "0.5", "--resume")
+    with pytest.raises(ValueError, match=r"differ from the saved run.*--solver 'anderson' -> 'broyden'"):
+        run(data_dir, out, "--epochs", "1", "--solver", "broyden", "--resume")
+    with pytest.raises(
+        ValueError, match=r"--solver-option/--f-tol/--f-max-iter \{.*'m': 5.*\} -> \{.*'m': 3"
+    ):  # noqa: E501
+        run(data_dir, out, "--epochs", "1", "--solver-option", "m=3", "--resume")
     with pytest.raises(SystemExit):
         train.parse_args(["--resume", "--overwrite"])
     # where things are and how the run is watched may change; the finished run stays finished
@@ -96,6 +107,21 @@ def test_a_run_is_never_silently_replaced_or_misrecorded(data_dir, tmp_path, mon
     assert (out / WEIGHTS_NAME).read_bytes() == weights
     run(data_dir, out, "--epochs", "1", "--overwrite", "--seed", "1")
     assert load_model(out).card["train_config"]["seed"] == 1
+
+
+def test_a_run_saved_by_an_older_train_py_is_checked_against_its_model_too(data_dir, tmp_path):
+    from deq.checkpoint import STATE_NAME, load_state, save_state
+
+    out = tmp_path / "old"
+    run(data_dir, out, "--epochs", "2", "--time-budget-s", "0")
+    state = load_state(out / STATE_NAME)
+    flat = {k: v for k, v in state["config"].items() if k != "model"}  # the flat config train.py once saved
+    flat.update({"m": 5, "lam": 1e-4, "f_tol": 1e-2, "f_max_iter": 5, "b_tol": 1e-2, "b_max_iter": 5})
+    save_state(out / STATE_NAME, {**state, "config": flat, "epoch": 1, "step": state["step"] // 2})
+    train.update_card(out, finished=False)
+    with pytest.raises(ValueError, match=r"--solver 'anderson' -> 'broyden'"):
+        run(data_dir, out, "--solver", "broyden", "--resume")
+    assert run(data_dir, out, "--resume")["epoch"] == 2  # the same model options: it continues
 
 
 def test_the_training_log_is_written_atomically_and_a_damaged_one_is_named(data_dir, tmp_path, monkeypatch):
@@ -120,7 +146,10 @@ def test_the_training_log_is_written_atomically_and_a_damaged_one_is_named(data_
     assert read_log(tmp_path) == [first] and [p.name for p in tmp_path.iterdir()] == [LOG_NAME]
 
     out = tmp_path / "run"
-    run(data_dir, out, "--epochs", "2")
+    with pytest.raises(KeyboardInterrupt):  # killed in its second epoch's evaluation: resumable
+        monkeypatch.setattr(train, "evaluate", die_on_call(2, train.evaluate))
+        run(data_dir, out, "--epochs", "2")
+    monkeypatch.undo()
     line_one = (out / LOG_NAME).read_text().splitlines()[0]
     (out / LOG_NAME).write_text(line_one + '\n{"epoch": 2, "trunc')
     with pytest.raises(ValueError, match=r"train_log.jsonl line 2: .*the training log is damaged"):
@@ -151,8 +180,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     [
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--learning-rate", "1"], "unrecognized arguments"),
-        (["--backward", "exact"], "backward must be one of"),
-        (["--solver-option", "m=0"], "m must be an integer >= 1"),
+        (["--backward", "exact"], "argument --backward: invalid choice"),
+        (["--solver-option", "m=0"], "--solver-option/--f-tol/--f-max-iter: m must be an integer >= 1"),
+        (["--m", "6"], "--m is now --solver-option m=VALUE"),
+        (["--lam=1e-3"], "--lam is now --solver-option lam=VALUE"),
+        (["--solver-option", "tol=1e-3"], "tol is set by --f-tol/--f-max-iter"),
+        (["--solver", "forward", "--solver-option", "m=3"], "unknown option(s) ['m'] for solver 'forward'"),
+        (["--backward-solver", "broyden", "--backward-option", "m=3"], "--backward-option/--b-tol"),
         (["--solver-option", "depth=3"], "unknown option(s) ['depth'] for solver 'anderson'"),
         (["--solver-option", "m"], "--solver-option takes KEY=VALUE"),
         (["--solver", "newton"], "invalid choice: 'newton'"),
@@ -188,6 +222,8 @@ def test_presets_and_overrides():
     # a solver's own options; backward, the same solver takes the same ones unless told otherwise
     tuned, _ = train.parse_args(["--solver-option", "m=3", "--solver-option", "beta=0.5"])
     assert tuned.model.solver_kwargs["m"] == tuned.model.backward_kwargs["m"] == 3
+    both, _ = train.parse_args(["--solver-option", "m=3", "--backward-option", "lam=0.001"])
+    assert both.model.backward_kwargs == {"m": 3, "lam": 0.001, "beta": 1.0, "tol": 1e-2, "max_iter": 25}
     mixed, _ = train.parse_args(
         ["--backward-solver", "forward", "--b-max-iter", "7", "--solver-option", "m=3"]
     )
