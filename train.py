@@ -82,6 +82,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     jac_reg: float = 0.0  # weight of the Jacobian regulariser ||df/dz||_F^2 / dim (0 = off)
     jac_target: float = 0.0  # > 0: penalise only the excess over this ||df/dz||_F^2 / dim (a hinge)
+    jac_two_sided: bool = False  # with jac_target: penalise the distance to it either way
     # --- evaluation after each epoch
     test_flip: bool = False  # average logits over the image and its mirror
     bn_recalibrate: int = 0  # recompute BatchNorm statistics on this many training images first (0 = off)
@@ -228,6 +229,8 @@ OPTION_HELP = {
     "applications of f at z* (default: 'implicit')",
     "jac_target": "with --jac-reg: penalise only the Jacobian penalty's excess over this value "
     "(default: 0, off)",
+    "jac_two_sided": "with --jac-target: penalise the distance to the target either way, so the "
+    "cell is pushed towards it from below too (default: False)",
 }
 
 
@@ -494,16 +497,19 @@ def shared_clock(seconds: float, proc: Process) -> float:
 def training_loss(model, x, y, cfg: TrainConfig, device_type: str):
     """(logits, DEQInfo, cross-entropy, loss to minimise) of one batch: the cross-entropy plus
     ``cfg.jac_reg`` times the Jacobian penalty (with ``cfg.jac_target``, only its excess over the
-    target: the cell may be as far from contractive as the target, no more), under bf16 autocast
-    when ``cfg.amp``."""
+    target: the cell may be as far from contractive as the target, no more; with
+    ``cfg.jac_two_sided``, its distance to the target either way), under bf16 autocast when
+    ``cfg.amp``."""
     with torch.autocast(device_type, torch.bfloat16, enabled=cfg.amp):
         logits, info = model(x, return_info=True, jacobian_penalty=cfg.jac_reg > 0)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if info.jacobian_penalty is None:
             return logits, info, ce, ce
         penalty = info.jacobian_penalty
-        excess = torch.relu(penalty - cfg.jac_target) if cfg.jac_target > 0 else penalty
-        loss = ce + cfg.jac_reg * excess
+        if cfg.jac_target > 0:
+            penalty = penalty - cfg.jac_target
+            penalty = penalty.abs() if cfg.jac_two_sided else torch.relu(penalty)
+        loss = ce + cfg.jac_reg * penalty
     return logits, info, ce, loss
 
 

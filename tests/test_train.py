@@ -262,6 +262,10 @@ def test_jacobian_target_penalises_only_the_excess():
         torch.manual_seed(1)
         _, _, ce, loss = train.training_loss(model, x, y, cfg, "cpu")
         assert float(loss) == pytest.approx(float(ce) + 2 * expected, rel=1e-4, abs=1e-7)
+    cfg, _ = train.parse_args(["--jac-reg", "2", "--jac-target", str(jac * 2), "--jac-two-sided"])
+    torch.manual_seed(1)
+    _, _, ce, loss = train.training_loss(model, x, y, cfg, "cpu")
+    assert float(loss) == pytest.approx(float(ce) + 2 * jac, rel=1e-4)  # below the target: pushed up
     with pytest.raises(SystemExit):
         train.parse_args(["--jac-target", "-1"])
 
