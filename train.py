@@ -180,8 +180,9 @@ def model_config(options: dict) -> ModelConfig:
     backward_own = _solver_options(o["backward_option"], "--backward-option")
     if backward is forward:  # the same solver backward: the forward's own options, then any of its own
         backward_own = {**own, **backward_own}
-    solver_kwargs = {**_own_defaults(forward.name), "tol": o["f_tol"], "max_iter": o["f_max_iter"], **own}
-    backward_kwargs = {**_own_defaults(backward.name), "tol": o["b_tol"], "max_iter": o["b_max_iter"],
+    # the solvers' own defaults are written out, so that the model config states every option
+    solver_kwargs = {**forward.own_defaults, "tol": o["f_tol"], "max_iter": o["f_max_iter"], **own}
+    backward_kwargs = {**backward.own_defaults, "tol": o["b_tol"], "max_iter": o["b_max_iter"],
                        **backward_own}  # fmt: skip
     forward.check(solver_kwargs, "--solver-option/--f-tol/--f-max-iter")
     backward.check(backward_kwargs, "--backward-option/--b-tol/--b-max-iter")
@@ -198,12 +199,6 @@ def _lookup_flag(name: str, flag: str):
         return lookup(name)
     except ValueError as err:
         raise ValueError(f"{flag}: {err}") from None
-
-
-def _own_defaults(solver: str) -> dict:
-    """A solver's own options with their defaults, so the model config states them."""
-    entry = SOLVERS[solver]
-    return {k: entry.defaults[k] for k in entry.own_options}
 
 
 def config_from_options(options: dict) -> TrainConfig:
@@ -451,7 +446,7 @@ def _stated(model: dict) -> dict:
         model["backward_kwargs"] = model.get("solver_kwargs", {})
     for key, name in (("solver_kwargs", solver), ("backward_kwargs", model["backward_solver"])):
         if name in SOLVERS:
-            model[key] = {**_own_defaults(name), **model.get(key, {})}
+            model[key] = {**SOLVERS[name].own_defaults, **model.get(key, {})}
     return model
 
 

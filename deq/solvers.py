@@ -28,10 +28,12 @@ adds one: it then works in ``DEQFixedPoint``, ``train.py --solver/--backward-sol
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -360,16 +362,22 @@ class Solver:
     def __call__(self, f: Callable[[Tensor], Tensor], z0: Tensor, **options) -> tuple[Tensor, SolverStats]:
         return self.fn(f, z0, **options)
 
-    @property
-    def defaults(self) -> dict:
-        """Every keyword-only option with its default, the COMMON_OPTIONS included."""
+    @functools.cached_property  # read on every solve: the signature is inspected once
+    def defaults(self) -> Mapping[str, object]:
+        """Every keyword-only option with its default, the COMMON_OPTIONS included (read-only)."""
         params = inspect.signature(self.fn).parameters.values()
-        return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        keyword_only = (p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        return MappingProxyType({p.name: p.default for p in keyword_only})
+
+    @property
+    def own_defaults(self) -> dict:
+        """The options this solver takes beyond COMMON_OPTIONS, with their defaults."""
+        return {k: v for k, v in self.defaults.items() if k not in COMMON_OPTIONS}
 
     @property
     def own_options(self) -> tuple[str, ...]:
-        """The options this solver takes beyond COMMON_OPTIONS."""
-        return tuple(k for k in self.defaults if k not in COMMON_OPTIONS)
+        """The names of ``own_defaults``."""
+        return tuple(self.own_defaults)
 
     def check(self, options: dict, argument: str = "solver options") -> None:
         """Raise ValueError if ``options`` holds a key this solver does not take, or a bad value
