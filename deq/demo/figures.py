@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from operator import attrgetter
 
 import plotly.graph_objects as go
 
@@ -152,23 +153,17 @@ def training_figures(records: list[EpochRecord]) -> tuple[go.Figure, go.Figure, 
         ],
         "accuracy (%)",
     )
+    solves = [("forward solve (train)", _TRAIN, "forward"), ("backward solve (train)", _BACKWARD, "backward"),
+              (f"forward solve ({held_out})", eval_color, "eval_forward")]  # fmt: skip
     residuals = _curves(
         records,
-        [
-            ("forward solve (train)", _TRAIN, lambda r: r.forward_residual),
-            ("backward solve (train)", _BACKWARD, lambda r: r.backward_residual),
-            (f"forward solve ({held_out})", eval_color, lambda r: r.eval_forward_residual),
-        ],
+        [(name, color, attrgetter(f"{solve}_residual")) for name, color, solve in solves],
         "mean final relative residual",
         log_y=True,
     )
     steps = _curves(
         records,
-        [
-            ("forward solve (train)", _TRAIN, lambda r: r.forward_iters),
-            ("backward solve (train)", _BACKWARD, lambda r: r.backward_iters),
-            (f"forward solve ({held_out})", eval_color, lambda r: r.eval_forward_iters),
-        ],
+        [(name, color, attrgetter(f"{solve}_iters")) for name, color, solve in solves],
         "mean solver steps (f-evaluations)",
     )
     return accuracy, residuals, steps
