@@ -5,9 +5,10 @@
 
 What it does, with every run planned for a wall-clock budget (train.py --time-budget-s):
 1. Unpacks the CIFAR-10 JPEG archive (``<--data>/cifar10-jpeg.tar.xz``) and decodes it once.
-2. Trains a sweep of seed-size configurations (``fast`` preset, one Jacobian-regulariser weight
-   each, concurrent processes; by default the one weight the first session chose), then the
-   ``large`` preset (after the sweep, or alongside it with --concurrent). All hold out the same
+2. Trains a sweep of seed-size configurations (``fast`` preset plus --seed-args, one
+   Jacobian-regulariser weight each, concurrent processes; by default the one weight the first
+   session chose), then the ``large`` preset plus --large-args (after the sweep, or alongside it
+   with --concurrent). All hold out the same
    5,000 training images as a validation split; none of them sees the test set.
 3. Picks the seed configuration on the validation split alone: among the runs that are real
    equilibrium models there (Anderson converges to tol 1e-4 within 100 f-evaluations on >= 98%
@@ -17,7 +18,7 @@ What it does, with every run planned for a wall-clock budget (train.py --time-bu
    own solver settings (the card's headline accuracy), and as the app solves: tol 1e-4 /
    max_iter 100 from z0 = 0, no flips, true float32, with Anderson and with forward iteration
    (per-image f-evaluation counts).
-5. Runs the CUDA-only tests and the solver and training benchmarks.
+5. Runs the CUDA-only tests and (unless --no-benchmarks) the solver and training benchmarks.
 
 What comes back under --out (at most 8 files): checkpoints.tar.gz (seed/ = the chosen run,
 large/, and each sweep run, without resume state), summary.json, session.log, logs.tar.gz,
@@ -230,7 +231,9 @@ def main() -> None:
         "--train-args", default="", help='extra train.py options for every run, e.g. --train-args="--no-amp"'
     )
     parser.add_argument(
-        "--seed-args", default=SEED_ARGS, help="extra train.py options for the seed runs (before --train-args)"
+        "--seed-args",
+        default=SEED_ARGS,
+        help="extra train.py options for the seed runs (before --train-args)",
     )
     parser.add_argument("--large-args", default=LARGE_ARGS, help="extra train.py options for the large run")
     parser.add_argument("--no-large", action="store_true", help="train the seed sweep only")

@@ -23,7 +23,14 @@ from PIL import Image
 from deq import DEQClassifier, ModelConfig
 from deq.card import card_markdown
 from deq.checkpoint import find_checkpoints, save_checkpoint
-from deq.demo.catalogue import Catalogue, ServedModel, load_models, model_sources, train_log
+from deq.demo.catalogue import (
+    DEFAULT_CHECKPOINTS,
+    Catalogue,
+    ServedModel,
+    load_models,
+    model_sources,
+    train_log,
+)
 from deq.demo.figures import residual_figure, training_figures
 from deq.demo.images import MAX_PIXELS, load_image, prepare_image
 from deq.demo.inference import SolverResult, SolveSettings, classify, top_classes, trustworthy
@@ -431,11 +438,16 @@ def test_model_sources_choose_the_default(tmp_path, tiny_checkpoint):
     assert [p.name for p in find_checkpoints(tmp_path)] == ["a", "b", "seed"]
     assert model_sources(tmp_path) == ({"a": str(tmp_path / "a"), "b": str(tmp_path / "b"),
                                         "seed": str(tmp_path / "seed")}, "seed")  # fmt: skip
-    shutil.copytree(tmp_path / "a", tmp_path / "cpu")  # the declared order decides, not the name order
-    assert model_sources(tmp_path)[1] == "seed"
-    (tmp_path / "seed" / "config.json").unlink()
+    assert DEFAULT_CHECKPOINTS == ("large", "cpu", "seed")  # the declared order decides, not the name order
+    shutil.copytree(tmp_path / "a", tmp_path / "cpu")
+    assert model_sources(tmp_path)[1] == "cpu"
+    shutil.copytree(tmp_path / "a", tmp_path / "large")
+    assert model_sources(tmp_path)[1] == "large"
+    (tmp_path / "large" / "config.json").unlink()
     assert model_sources(tmp_path)[1] == "cpu"
     shutil.rmtree(tmp_path / "cpu")
+    assert model_sources(tmp_path)[1] == "seed"
+    (tmp_path / "seed" / "config.json").unlink()
     assert model_sources(tmp_path)[1] == "a"
     sources, default = model_sources(tmp_path, str(tiny_checkpoint))
     assert default == str(tiny_checkpoint) and list(sources) == [str(tiny_checkpoint), "a", "b"]
