@@ -438,11 +438,10 @@ def test_model_sources_choose_the_default(tmp_path, tiny_checkpoint):
     assert [p.name for p in find_checkpoints(tmp_path)] == ["a", "b", "seed"]
     assert model_sources(tmp_path) == ({"a": str(tmp_path / "a"), "b": str(tmp_path / "b"),
                                         "seed": str(tmp_path / "seed")}, "seed")  # fmt: skip
-    assert DEFAULT_CHECKPOINTS == ("large", "cpu", "seed")  # the declared order decides, not the name order
     shutil.copytree(tmp_path / "a", tmp_path / "cpu")
     assert model_sources(tmp_path)[1] == "cpu"
-    shutil.copytree(tmp_path / "a", tmp_path / "large")
-    assert model_sources(tmp_path)[1] == "large"
+    shutil.copytree(tmp_path / "a", tmp_path / "large")  # the declared order decides, not the name order
+    assert model_sources(tmp_path)[1] == "large" == DEFAULT_CHECKPOINTS[0]
     (tmp_path / "large" / "config.json").unlink()
     assert model_sources(tmp_path)[1] == "cpu"
     shutil.rmtree(tmp_path / "cpu")

@@ -1,5 +1,6 @@
-"""The checkpoints shipped in checkpoints/: they load strictly, their cards and logs say what the
-README says they do, and the app's default tells the demo's story on its own example images."""
+"""The checkpoints shipped in checkpoints/: they load strictly, their cards agree with their
+training logs, each is a real equilibrium model by its card's test-set evaluations, and the app's
+default tells the demo's story on its own example images."""
 
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ def equilibrium_report(card: dict, solver: str) -> dict:
 def test_the_three_checkpoints_are_shipped_and_the_default_is_among_them():
     assert set(SHIPPED) == {"seed", "cpu", "large"}
     assert model_sources(ROOT / "checkpoints") == ({n: str(p) for n, p in sorted(SHIPPED.items())}, "large")
-    assert DEFAULT_CHECKPOINTS[0] == "large"
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -58,7 +58,8 @@ def test_a_shipped_checkpoint_loads_and_its_card_and_log_agree(name):
 def test_the_default_model_beats_forward_iteration_on_the_example_images():
     """What the app shows first: on each example image Anderson converges at the app's defaults,
     and over the ten it needs fewer f-evaluations than forward iteration (median)."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the app solves
     model = load_model(SHIPPED[DEFAULT_CHECKPOINTS[0]])
     settings = SolveSettings()
     evals = {"anderson": [], "forward": []}
@@ -69,5 +70,6 @@ def test_the_default_model_beats_forward_iteration_on_the_example_images():
             if solver == "anderson":
                 assert result.converged, path.name
             evals[solver].append(result.n_evals)
+    torch.set_num_threads(threads)
     assert len(EXAMPLES) == 10
     assert statistics.median(evals["anderson"]) < statistics.median(evals["forward"])
