@@ -34,7 +34,7 @@ from deq.demo.figures import training_figures
 from deq.demo.images import MAX_FILE_BYTES, prepare_image, to_preview
 from deq.demo.inference import SolveSettings
 from deq.demo.limits import RequestBodyLimit
-from deq.demo.stream import stream_solve, warm_up
+from deq.demo.stream import REPLAY_S, stream_solve, warm_up
 from deq.demo.text import input_summary, train_log_note
 from deq.demo.uploads import image_source
 
@@ -45,7 +45,18 @@ QUEUE_SIZE = 16  # requests waiting beyond this get "queue is full"
 CONCURRENCY = 2
 
 # Small inputs (CIFAR-10 is 32x32) shown enlarged with sharp pixels.
-CSS = "#image-input img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
+CSS = """
+#image-input img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#results-table table { display: block; overflow-x: auto; max-width: 100%; }
+#results-table th, #results-table td { white-space: nowrap; word-break: normal; overflow-wrap: normal; }
+"""
+#: On a narrow screen the charts are below the inputs: bring them into view when a solve starts.
+SCROLL_TO_CHART_JS = """(...args) => {
+    if (window.innerWidth < 768) {
+        document.getElementById("residual-plot")?.scrollIntoView({behavior: "smooth", block: "start"});
+    }
+    return args;
+}"""
 # Gradio 6 takes css in launch(); uploads over the size deq.demo.images accepts are refused before
 # they are stored; request bodies are bounded before they are read (deq.demo.limits). Tests
 # launch with the same.
@@ -55,56 +66,75 @@ LAUNCH_KWARGS = {
     "app_kwargs": {"middleware": [Middleware(RequestBodyLimit)]},
 }
 
-INTRO = """
+INTRO = r"""
 # Deep Equilibrium Model: watch the solver think
 
-A **deep equilibrium model (DEQ)** does not stack layers: it applies one weight-tied cell *f*
-"infinitely often" and uses its **fixed point** z* = f(z*, x), with the image injected as x at
-every step. Finding z* is a root-finding problem, so the network's "depth" is the number of
-solver iterations. Pick an image: the app solves its equilibrium from z0 = 0 twice, with
-**Anderson acceleration** and with plain **forward iteration** z(k+1) = f(z(k), x), and draws
-each solver's relative residual ‖f(z) − z‖ / ‖f(z)‖ as it runs.
+A **deep equilibrium model (DEQ)** does not stack layers: it applies one weight-tied cell $f$
+"infinitely often" and uses its **fixed point** $z^\star = f(z^\star, x)$, with the image injected
+as $x$ at every step. Finding $z^\star$ is a root-finding problem, so the network's "depth" is the
+number of solver iterations. Pick an image: the app solves its equilibrium from $z_0 = 0$ with
+**Anderson acceleration** and with plain **forward iteration** $z_{k+1} = f(z_k, x)$, side by side,
+and draws each solver's relative residual $\lVert f(z) - z \rVert / \lVert f(z) \rVert$ as it goes.
 """
 
-EXPLAIN = """
-**Reading the chart.** Each point is one evaluation of the cell *f*. Forward iteration converges
-linearly (a straight line on the log axis) at a rate set by how contractive *f* is; Anderson
-acceleration combines the last *m* iterates to extrapolate. On the default `large` model it needs
-1.1-1.6x fewer evaluations than forward iteration on the example images (1.2-1.7x on the `cpu`
-model). On the `seed` model, whose cell is barely contractive, forward iteration stops at
+EXPLAIN = r"""
+**Reading the charts.** Each point is one evaluation of the cell $f$. The solves take milliseconds;
+the race is replayed over 1.5 s so that it can be watched, both solvers advancing one f-evaluation
+at a time. Switch the x axis to *milliseconds* for what each solver's iterations cost (the traced
+run); the table's wall times are medians of repeated solves without tracing. Forward iteration
+converges linearly (a straight line on the log axis) at a rate set by how contractive $f$ is;
+Anderson acceleration combines the last $m$ iterates to extrapolate. On the default `large` model
+it needs 1.1-1.6x fewer evaluations than forward iteration on the example images (1.2-1.7x on the
+`cpu` model). On the `seed` model, whose cell is barely contractive, forward iteration stops at
 `max_iter` 100 on every example while Anderson converges in 17-34 evaluations.
 The dashed line is the tolerance: a solver stops below it, or after `max_iter` evaluations.
-`beta` > 1 over-projects (often faster, can diverge), `beta` < 1 damps. Once both have converged
-they should agree: the classifier only looks at z*, not at the path to it.
+$\beta > 1$ over-projects (often faster, can diverge), $\beta < 1$ damps.
+
+**The answer along the solve.** The lower chart applies the classifier's head to every $f(z_k)$:
+the answer the network would give at that depth, the probability of its top class, and the class
+named wherever it changes. The legend says from which f-evaluation each solver's answer was final.
+Once both have converged they agree: the classifier only looks at $z^\star$, not at the path to it.
 """
+
+#: $...$ inline and $$...$$ displayed, for the two texts above.
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
 
 def _user_error(err: Exception) -> gr.Error:
     return gr.Error(str(err), print_exception=False)
 
 
+#: The x-axis choice on the page -> stream_solve's x_axis.
+X_AXIS_CHOICES = {"f-evaluations": "evals", "milliseconds": "ms"}
+
+
 def solve_request(catalogue: Catalogue, payload: dict | None, model_label: str, beta: float, log10_tol: float,
-                  m: float, log10_lam: float, max_iter: float) -> Iterator[tuple]:  # fmt: skip
-    """The solve event: (residual plot, label, table, status, preview) frames while the solvers
-    run. ``payload`` is gr.Image's raw value: the event runs with preprocess=False so that
-    ``deq.demo`` decodes the upload itself and says what is wrong with a bad one."""
+                  m: float, log10_lam: float, max_iter: float, x_axis: str = "f-evaluations",
+                  replay_s: float = REPLAY_S) -> Iterator[tuple]:  # fmt: skip
+    """The solve event: (residual plot, answer plot, label, table, status, preview) frames while
+    the race is drawn. ``payload`` is gr.Image's raw value: the event runs with preprocess=False
+    so that ``deq.demo`` decodes the upload itself and says what is wrong with a bad one."""
     try:
         source = image_source(payload, Path(get_upload_folder()), EXAMPLE_FILES)
         if source is None:
-            yield None, None, "", "Upload an image or pick an example.", None
+            yield None, None, None, "", "Upload an image or pick an example.", None
             return
         model = catalogue.get(model_label or catalogue.default).model
         settings = SolveSettings.from_ui(beta, log10_tol, m, log10_lam, max_iter)
+        if x_axis not in X_AXIS_CHOICES:
+            raise ValueError(f"x_axis must be one of {list(X_AXIS_CHOICES)}, got {x_axis!r}")
         prepared = prepare_image(source)
     except ValueError as err:
         raise _user_error(err) from None
     about, preview = input_summary(prepared), to_preview(prepared.tensor)
-    for i, frame in enumerate(stream_solve(model, prepared, settings)):
+    frames = stream_solve(model, prepared, settings, x_axis=X_AXIS_CHOICES[x_axis], replay_s=replay_s)
+    for i, frame in enumerate(frames):
         if frame.final:
             for warning in frame.warnings:
                 gr.Warning(warning)
         yield (
             frame.figure,
+            frame.answers,
             frame.label,
             frame.table,
             f"{frame.status}  \n{about}",
@@ -126,10 +156,12 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
     """The page, serving ``catalogue``'s models (its handlers close over it; nothing global)."""
 
     def solve(image: dict | None, model_label: str, beta: float, log10_tol: float, m: float, log10_lam: float,
-              max_iter: float):  # fmt: skip
-        """Classify an image and stream (residual plot, top-5 label, results table, status, what
-        the model sees) while each solver finds the equilibrium."""
-        yield from solve_request(catalogue, image, model_label, beta, log10_tol, m, log10_lam, max_iter)
+              max_iter: float, x_axis: str):  # fmt: skip
+        """Classify an image and stream (residual plot, answer plot, top-5 label, results table,
+        status, what the model sees) while each solver finds the equilibrium."""
+        yield from solve_request(
+            catalogue, image, model_label, beta, log10_tol, m, log10_lam, max_iter, x_axis
+        )
 
     def model_info(label: str):
         """Model card, training-log note and the three training charts of one model."""
@@ -139,7 +171,7 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
         solve = spaces.GPU(solve)
     card, note, accuracy, residuals, steps = describe_model(catalogue, catalogue.default)
     with gr.Blocks(title="Deep Equilibrium Model: live solver demo") as demo:
-        gr.Markdown(INTRO)
+        gr.Markdown(INTRO, latex_delimiters=LATEX)
         with gr.Tab("Classify and solve"):
             with gr.Row():
                 with gr.Column(scale=2, min_width=300):
@@ -155,6 +187,7 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
                         [[str(p)] for p in EXAMPLES],
                         inputs=image,
                         label="CIFAR-10 test images (one per class)",
+                        example_labels=[p.stem for p in EXAMPLES],
                         examples_per_page=10,
                         cache_examples=False,  # explicit: Spaces would otherwise cache (final frames only)
                     )
@@ -177,16 +210,22 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
                         )
                     run = gr.Button("Solve", variant="primary")
                 with gr.Column(scale=3):
-                    plot = gr.Plot(label="Relative residual per iteration (live)", elem_id="residual-plot")
+                    # The verdict is the chart's title: no component label above it.
+                    plot = gr.Plot(label="Relative residual per f-evaluation", show_label=False,
+                                   elem_id="residual-plot")  # fmt: skip
+                    x_axis = gr.Radio(list(X_AXIS_CHOICES), value="f-evaluations", label="x axis",
+                                      info="milliseconds: what each solver's iterations cost")  # fmt: skip
+                    answers = gr.Plot(label="The answer along the solve: top-1 class and its probability",
+                                      show_label=False, elem_id="answer-plot")  # fmt: skip
                     with gr.Row():
                         label = gr.Label(
                             num_top_classes=5, label="Prediction (top 5)", scale=3, elem_id="prediction"
                         )
                         preview = gr.Image(label="What the model sees (32x32)", interactive=False, height=160,
                                            scale=2)  # fmt: skip
-                    table = gr.Markdown()
+                    table = gr.Markdown(elem_id="results-table")
                     status = gr.Markdown("Upload an image or pick an example.")
-            gr.Markdown(EXPLAIN)
+            gr.Markdown(EXPLAIN, latex_delimiters=LATEX)
             card_md = gr.Markdown(card)
         with gr.Tab("How it was trained"):
             note_md = gr.Markdown(note)
@@ -196,14 +235,15 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
 
         gr.on(
             triggers=[image.change, run.click, beta.release, tol.release, m.release, lam.release,
-                      max_iter.release, model_choice.input],
+                      max_iter.release, model_choice.input, x_axis.input],
             fn=solve,
-            inputs=[image, model_choice, beta, tol, m, lam, max_iter],
-            outputs=[plot, label, table, status, preview],
+            inputs=[image, model_choice, beta, tol, m, lam, max_iter, x_axis],
+            outputs=[plot, answers, label, table, status, preview],
             api_name="solve",
             trigger_mode="always_last",
             concurrency_limit=CONCURRENCY,
             preprocess=False,  # deq.demo reads the upload itself (solve_request)
+            js=SCROLL_TO_CHART_JS,
         )  # fmt: skip
         model_choice.change(
             model_info,

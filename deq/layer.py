@@ -75,13 +75,22 @@ class DEQFixedPoint(nn.Module):
         self.phantom_steps = phantom_steps
 
     def solve(
-        self, x: Tensor, z0: Tensor | None = None, solver: str | None = None, **overrides
+        self,
+        x: Tensor,
+        z0: Tensor | None = None,
+        solver: str | None = None,
+        *,
+        observe: Callable[[Tensor], None] | None = None,
+        **overrides,
     ) -> tuple[Tensor, SolverStats]:
         """Forward solve only, without autograd. x: (B, C, H, W); returns z* (same shape).
 
         ``solver`` and ``overrides`` (tol, beta, callback, ...) replace the layer's settings
-        for this call only.
+        for this call only. ``observe(fz)``, if given, sees the output f(z) (B, C, H, W) of every
+        f-evaluation, before the solver uses it (e.g. to decode the answer along the solve).
         """
+        if observe is not None and not callable(observe):
+            raise ValueError(f"observe must be callable, got {type(observe).__name__}")
         name = solver or self.solver
         kwargs = {**self.solver_kwargs, **overrides} if name == self.solver else dict(overrides)
         check_solver_kwargs(name, kwargs, "solver options")
@@ -95,7 +104,10 @@ class DEQFixedPoint(nn.Module):
 
         def f(z: Tensor) -> Tensor:
             with torch.autocast(device, dtype=amp_dtype, enabled=amp):
-                return self.f(z, x).to(state_dtype)
+                fz = self.f(z, x).to(state_dtype)
+            if observe is not None:
+                observe(fz)
+            return fz
 
         with torch.no_grad(), torch.autocast(device, enabled=False):
             return get_solver(name)(f, z0, **kwargs)

@@ -236,11 +236,24 @@ class DEQClassifier(nn.Module):
         logits = self.head(z)
         return (logits, info) if return_info else logits
 
-    def predict(self, images: Tensor, solver: str | None = None, **overrides) -> tuple[Tensor, SolverStats]:
+    def predict(
+        self,
+        images: Tensor,
+        solver: str | None = None,
+        *,
+        on_logits: Callable[[Tensor], None] | None = None,
+        **overrides,
+    ) -> tuple[Tensor, SolverStats]:
         """Logits (B, n_classes) of images (B, 3, S, S) in [0, 1] and the forward solve's stats,
         without autograd. ``overrides`` (tol, max_iter, beta, callback, z0, ...) replace the
         model's own solver settings for this call only; with another ``solver`` than the model's,
-        the options not given are that solver's defaults, not the model's."""
+        the options not given are that solver's defaults, not the model's.
+
+        ``on_logits(logits)``, if given, sees the head's logits (B, n_classes) of every
+        f-evaluation's output f(z_k): the answer the network would give at that depth."""
+        if on_logits is not None and not callable(on_logits):
+            raise ValueError(f"on_logits must be callable, got {type(on_logits).__name__}")
+        observe = None if on_logits is None else (lambda fz: on_logits(self.head(fz)))
         with torch.no_grad():
-            z, stats = self.deq.solve(self.inject(images), solver=solver, **overrides)
+            z, stats = self.deq.solve(self.inject(images), solver=solver, observe=observe, **overrides)
             return self.head(z), stats

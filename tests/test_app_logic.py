@@ -34,7 +34,7 @@ from deq.demo.catalogue import (
 from deq.demo.figures import residual_figure, training_figures
 from deq.demo.images import MAX_PIXELS, load_image, prepare_image
 from deq.demo.inference import SolverResult, SolveSettings, classify, top_classes, trustworthy
-from deq.demo.stream import stream_solve, warm_up
+from deq.demo.stream import REPLAY_S, stream_solve, warm_up
 from deq.demo.text import results_table
 from deq.demo.uploads import MAX_DATA_URL_CHARS
 
@@ -283,14 +283,61 @@ def test_stream_yields_intermediate_frames_and_a_complete_final_one():
     assert "Same prediction" in frames[-1].table and frames[-1].status.startswith("Done")
 
 
-def test_stream_draws_progressively():
-    seen = []
+def test_stream_draws_progressively_and_side_by_side():
+    seen, rows = [], []
     settings = SolveSettings(tol=1e-12, max_iter=15)
     for frame in stream_solve(slow_model(), load_image(EXAMPLES / "dog.jpg"), settings, interval=0.0):
         data = figure_json(frame.figure)["data"]
         seen.append((len(data[0]["y"]), len(data[1]["y"])))
-    assert seen == sorted(seen) and seen[0][1] == 0 and seen[-1] == (15, 15)
-    assert any(0 < a < 15 for a, _ in seen) and any(0 < f < 15 for _, f in seen)  # partial curves
+        rows.append(set(frame.results))
+    assert seen == sorted(seen) and seen[-1] == (15, 15)
+    assert any(0 < a < 15 and 0 < f < 15 for a, f in seen)  # both curves partly drawn at once
+    # a solver's row appears only once its curve is complete
+    for shown, done in zip(seen, rows, strict=True):
+        assert all(shown[("anderson", "forward").index(s)] == 15 for s in done)
+
+
+def test_the_race_is_replayed_at_a_human_pace_whatever_the_compute_time():
+    """At the app's default settings a small model solves in milliseconds: the curves are still
+    drawn over REPLAY_S, in at least three frames, the first one at once."""
+    model, image = small_model(), load_image(EXAMPLES / "frog.jpg")
+    warm_up(model)
+    start = time.perf_counter()
+    stamps, frames = [], []
+    for frame in stream_solve(model, image, SolveSettings()):
+        stamps.append(time.perf_counter() - start)
+        frames.append(frame)
+    assert len(frames) >= 3 and frames[-1].final
+    assert stamps[-1] >= 0.9 * REPLAY_S  # drawn over the replay, not in one go
+    assert stamps[0] < 0.5  # the first frame does not wait for the replay (0.1 s unloaded)
+    fast = list(stream_solve(model, image, SolveSettings(), replay_s=0))
+    assert [len(t.y) for t in fast[-1].figure.data] == [len(t.y) for t in frames[-1].figure.data]
+
+
+def test_the_final_frame_has_the_verdict_median_wall_times_and_the_settling_answer():
+    model, image = small_model(), load_image(EXAMPLES / "frog.jpg")
+    final = list(stream_solve(model, image, SolveSettings(tol=1e-3), replay_s=0.2))[-1]
+    anderson, forward = final.results["anderson"], final.results["forward"]
+    assert len(anderson.timing_s) >= 3 and len(forward.timing_s) >= 3  # repeated untraced solves
+    assert "median of" in final.table and "traced run" not in final.table
+    title = final.figure.layout.title.text
+    expected = f"Anderson: {anderson.n_evals} f-evaluations<br>forward iteration: {forward.n_evals}"
+    assert title.startswith(expected)
+    assert " fewer)" in title or " more)" in title
+    for r in (anderson, forward):  # one answer and one time stamp per f-evaluation
+        assert len(r.answers) == len(r.times_ms) == len(r.trace)
+        assert r.times_ms == sorted(r.times_ms)
+        assert r.answers[-1][0] == r.predicted_index and 1 <= r.settled_at <= len(r.trace)
+    answer_lines = figure_json(final.answers)["data"]
+    assert [len(t["y"]) for t in answer_lines] == [len(anderson.trace), len(forward.trace)]
+    assert all(0 <= p <= 1 for t in answer_lines for p in t["y"])
+    assert f"final from f-eval {anderson.settled_at}" in answer_lines[0]["name"]
+    assert answer_lines[0]["text"][0] != ""  # the first answer is named, later only changes
+    ms = list(stream_solve(model, image, SolveSettings(tol=1e-3), x_axis="ms", replay_s=0))[-1]
+    xs = figure_json(ms.figure)["data"][0]["x"]
+    assert xs == sorted(xs) and xs[-1] > 0 and "milliseconds" in ms.figure.layout.xaxis.title.text
+    with pytest.raises(ValueError, match="x_axis"):
+        next(stream_solve(model, image, SolveSettings(), x_axis="seconds"))
 
 
 def test_stream_is_throttled_and_always_ends_with_the_final_frame():
@@ -556,14 +603,17 @@ def test_app_wiring(app_module, app_catalogue, app_demo):
     solve = fns["solve"]
     assert solve.trigger_mode == "always_last" and solve.queue and not solve.preprocess
     assert solve.concurrency_limit == app_module.CONCURRENCY
-    assert [type(c).__name__ for c in solve.inputs] == ["Image", "Dropdown"] + ["Slider"] * 5
-    assert [type(c).__name__ for c in solve.outputs] == ["Plot", "Label", "Markdown", "Markdown", "Image"]
+    assert [type(c).__name__ for c in solve.inputs] == ["Image", "Dropdown"] + ["Slider"] * 5 + ["Radio"]
+    assert [type(c).__name__ for c in solve.outputs] == [
+        "Plot", "Plot", "Label", "Markdown", "Markdown", "Image"
+    ]  # fmt: skip
     triggers = {(demo.blocks[block_id].__class__.__name__, event) for block_id, event in solve.targets}
     assert {
         ("Image", "change"),
         ("Button", "click"),
         ("Slider", "release"),
         ("Dropdown", "input"),
+        ("Radio", "input"),
     } <= triggers
     assert sum(1 for _, event in solve.targets if event == "release") == 5
     assert demo._queue.max_size == app_module.QUEUE_SIZE
@@ -576,17 +626,19 @@ def test_app_solve_generator(app_module, app_catalogue):
     gr = pytest.importorskip("gradio")
     args = (app_catalogue.default, 1.0, -3, 5, -4, 20)
     frames = list(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args))
-    plot, label, table, status, preview = frames[-1]
+    plot, answers, label, table, status, preview = frames[-1]
     assert len(json.loads(plot.to_json())["data"]) == 2 and len(label) == 5
+    assert len(json.loads(answers.to_json())["data"]) == 2
     assert "Anderson" in table and "Input: JPEG 32x32" in status
-    assert frames[0][4].size == (128, 128)  # the 32x32 input, enlarged
-    assert all(f[4] == gr.skip() for f in frames[1:])  # sent once
+    assert plot.layout.title.text.startswith("Anderson: ")  # the verdict, in the chart's title
+    assert frames[0][5].size == (128, 128)  # the 32x32 input, enlarged
+    assert all(f[5] == gr.skip() for f in frames[1:])  # sent once
     assert list(app_module.solve_request(app_catalogue, None, *args)) == [
-        (None, None, "", "Upload an image or pick an example.", None)
+        (None, None, None, "", "Upload an image or pick an example.", None)
     ]
     data_url = "data:image/jpeg;base64," + base64.b64encode((EXAMPLES / "frog.jpg").read_bytes()).decode()
     assert (
-        list(app_module.solve_request(app_catalogue, {"url": data_url, "path": None}, *args))[-1][1] == label
+        list(app_module.solve_request(app_catalogue, {"url": data_url, "path": None}, *args))[-1][2] == label
     )
     with pytest.raises(gr.Error, match="links are not fetched"):
         next(
@@ -651,10 +703,10 @@ def test_the_api_never_reads_server_files_it_did_not_store(app_module, app_catal
     assert refusals == {"Only images uploaded to this app can be read."}  # reveals nothing
     (uploads / "frog.jpg").write_bytes(secret.read_bytes())
     assert list(app_module.solve_request(app_catalogue, {"path": str(uploads / "frog.jpg")}, *args))[-1][
-        1
+        2
     ]  # a real upload
     assert list(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args))[-1][
-        1
+        2
     ]  # an example
     huge = "data:image/png;base64," + "A" * (MAX_DATA_URL_CHARS + 4)
     with pytest.raises(gr.Error, match="over"):
@@ -678,7 +730,7 @@ def test_app_warns_when_a_solver_diverges(app_module, app_catalogue):
     with pytest.warns(UserWarning, match="diverged"):  # gr.Warning outside a request warns
         frames = list(app_module.solve_request(catalogue, {"path": str(EXAMPLES / "cat.jpg")}, "diverging",
                                                3.0, -4, 5, -4, 50))  # fmt: skip
-    plot, label, table, status, _ = frames[-1]
+    plot, _, label, table, status, _ = frames[-1]
     assert "**diverged**" in table and "⚠️" in status and "NaN" not in plot.to_json()
     assert label is None or all(math.isfinite(v) for v in label.values())
 

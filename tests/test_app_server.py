@@ -45,7 +45,7 @@ def test_streamed_solve_sends_intermediate_plots_and_a_final_label(client):
     partial = [curves(f[0]) for f in frames[:-1]]
     assert any(len(a) + len(f) < 600 for a, f in partial)  # intermediate updates of the plot
     assert [len(a) + len(f) for a, f in partial] == sorted(len(a) + len(f) for a, f in partial)
-    plot, label, table, status, _ = job.result()
+    plot, answers, label, table, status, _ = job.result()
     assert [len(y) for y in curves(plot)] == [300, 300]
     assert len(label["confidences"]) == 5 and label["label"] == label["confidences"][0]["label"]
     assert "| Anderson |" in table and "| forward iteration |" in table
@@ -61,7 +61,7 @@ def test_corrupt_upload_gets_an_error_and_the_server_keeps_answering(client, tmp
     empty.write_bytes(b"")
     with pytest.raises(AppError, match="empty"):
         solve(client, empty).result()
-    plot, label, *_ = solve(client, EXAMPLES / "truck.jpg").result()
+    plot, _, label, *_ = solve(client, EXAMPLES / "truck.jpg").result()
     assert len(curves(plot)) == 2 and len(label["confidences"]) == 5
 
 
@@ -72,7 +72,7 @@ def test_a_raw_api_call_cannot_make_the_server_read_its_own_files(client, tmp_pa
         with pytest.raises(AppError, match="Only images uploaded to this app can be read"):
             client.submit(payload, beta=1.0, log10_tol=-3, m=5, log10_lam=-4, max_iter=30,
                           api_name="/solve").result()  # fmt: skip
-    assert solve(client, server_image).result()[1]  # the same file uploaded is fine
+    assert solve(client, server_image).result()[2]  # the same file uploaded is fine
 
 
 def _post(url: str, headers: dict, body_chunks) -> int:
@@ -114,7 +114,7 @@ def test_oversized_request_bodies_are_refused_without_reading_them(client, app_u
         chunked = (b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(n))
         assert _post(app_url, {"Transfer-Encoding": "chunked"}, [*chunked, b"0\r\n\r\n"]) == 413
     assert rss_mb() - before < 200  # peak memory of the process (server in a thread) stays bounded
-    assert solve(client, EXAMPLES / "ship.jpg").result()[1]  # and the server keeps answering
+    assert solve(client, EXAMPLES / "ship.jpg").result()[2]  # and the server keeps answering
 
 
 def test_model_info_endpoint(client):

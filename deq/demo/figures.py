@@ -13,17 +13,28 @@ from operator import attrgetter
 import plotly.graph_objects as go
 
 from ..checkpoint import EpochRecord
-from .inference import RACE, SolverResult, SolveSettings, solver_label
+from ..data import CIFAR10_CLASSES
+from .inference import RACE, SolverResult, SolveSettings, Step, solver_label
 
-__all__ = ["solver_color", "residual_figure", "update_traces", "mark_divergence", "training_figures"]
+__all__ = [
+    "X_AXES", "solver_color", "residual_figure", "set_title", "update_traces", "answer_figure",
+    "update_answers", "mark_divergence", "training_figures",
+]  # fmt: skip
 
 #: Colours of the race's solvers, in race order (Anderson red, forward iteration blue).
 PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 
-#: Plain white styling without a Plotly template: templates cost ~25 ms to build and 6 kB per
-#: streamed frame.
-_AXIS = {"showgrid": True, "gridcolor": "#e6e6e6", "showline": True, "linecolor": "#999", "zeroline": False}
-_LAYOUT = {"template": "none", "plot_bgcolor": "white", "paper_bgcolor": "white", "hovermode": "x"}
+#: Styling without a Plotly template (templates cost ~25 ms to build and 6 kB per streamed
+#: frame): transparent backgrounds and mid-grey text and grid, legible in the page's light and
+#: dark themes alike.
+_INK = "#777777"
+_AXIS = {"showgrid": True, "gridcolor": "rgba(128,128,128,0.25)", "showline": True, "linecolor": _INK,
+         "zeroline": False, "tickfont": {"color": _INK}, "title": {"font": {"color": _INK}}}  # fmt: skip
+_LAYOUT = {"template": "none", "plot_bgcolor": "rgba(0,0,0,0)", "paper_bgcolor": "rgba(0,0,0,0)",
+           "font": {"color": _INK}, "hovermode": "x"}  # fmt: skip
+#: Legends above the plotting area, in a row (wrapping on a phone): they never cover a curve.
+_LEGEND = {"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom",
+           "bgcolor": "rgba(0,0,0,0)"}  # fmt: skip
 
 
 def solver_color(solver: str, race: tuple[str, ...] = RACE) -> str:
@@ -43,9 +54,21 @@ def _finite_or_none(values: list[float]) -> list[float | None]:
     return [v if math.isfinite(v) and v > 0 else None for v in values]
 
 
-def residual_figure(settings: SolveSettings, race: tuple[str, ...] = RACE) -> go.Figure:
+#: The x axis of a request's charts: f-evaluations, or milliseconds of the traced solve.
+X_AXES = {"evals": "f-evaluation", "ms": "milliseconds into the solve (traced run)"}
+
+
+def _x_axis(x_axis: str) -> dict:
+    if x_axis not in X_AXES:
+        raise ValueError(f"x_axis must be one of {sorted(X_AXES)}, got {x_axis!r}")
+    return {**_AXIS, "title": {"text": X_AXES[x_axis], "font": {"color": _INK}}, "rangemode": "tozero"}
+
+
+def residual_figure(
+    settings: SolveSettings, race: tuple[str, ...] = RACE, x_axis: str = "evals"
+) -> go.Figure:
     """The empty residual chart of one request: one (empty) trace per solver of the race, log-y,
-    the tolerance as a dashed line.
+    the tolerance as a dashed line, the race's verdict as its title (``set_title``).
 
     Built in one constructor call: each update_layout/add_* call re-validates (~10 ms apiece).
     """
@@ -57,43 +80,99 @@ def residual_figure(settings: SolveSettings, race: tuple[str, ...] = RACE) -> go
     tol = settings.tol
     tol_line = {
         "type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": tol, "y1": tol,
-        "line": {"color": "#555", "dash": "dash", "width": 1.5},
+        "line": {"color": _INK, "dash": "dash", "width": 1.5},
     }  # fmt: skip
     tol_label = {  # an annotation's y on a log axis is log10 of the value
         "xref": "paper", "x": 0.01, "xanchor": "left", "yref": "y", "y": math.log10(tol), "yanchor": "bottom",
-        "text": f"tol = {tol:.0e}", "showarrow": False, "font": {"color": "#555"},
+        "text": f"tol = {tol:.0e}", "showarrow": False, "font": {"color": _INK},
     }  # fmt: skip
     layout = {
         **_LAYOUT,
         "height": 420,
-        "margin": {"l": 70, "r": 20, "t": 20, "b": 55},
-        "xaxis": {**_AXIS, "title": {"text": "iteration (one f-evaluation each)"}, "rangemode": "tozero"},
-        "yaxis": {**_AXIS, "title": {"text": "relative residual ‖f(z) − z‖ / ‖f(z)‖"}, "type": "log",
-                  "exponentformat": "power"},
-        "legend": {"x": 0.99, "y": 0.99, "xanchor": "right", "bgcolor": "rgba(255,255,255,0.8)"},
+        "title": {"text": "", "x": 0.01, "xanchor": "left", "yref": "container", "y": 0.97, "yanchor": "top",
+                  "font": {"size": 15}},
+        "margin": {"l": 70, "r": 20, "t": 110, "b": 55},
+        "xaxis": _x_axis(x_axis),
+        "yaxis": {**_AXIS, "type": "log", "exponentformat": "power", "minorloglabels": "none",
+                  "title": {"text": "relative residual ‖f(z) − z‖ / ‖f(z)‖", "font": {"color": _INK}}},
+        "legend": _LEGEND,
         "shapes": [tol_line],
         "annotations": [tol_label],
     }  # fmt: skip
     return go.Figure(data=traces, layout=layout)
 
 
-def update_traces(fig: go.Figure, traces: list[list[float]]) -> None:
-    """Show each solver's residuals so far (in race order) on ``residual_figure``'s chart."""
+def set_title(fig: go.Figure, text: str) -> None:
+    """The chart's title line (the race's progress, then its verdict)."""
+    fig.layout.title.text = text
+
+
+def _xs(steps: list[Step], x_axis: str) -> list[float]:
+    return [round(s.ms, 3) for s in steps] if x_axis == "ms" else [s.iteration for s in steps]
+
+
+def update_traces(fig: go.Figure, traces: list[list[Step]], x_axis: str = "evals") -> None:
+    """Show each solver's f-evaluations so far (in race order) on ``residual_figure``'s chart."""
     with fig.batch_update():
-        for line, ys in zip(fig.data, traces, strict=True):
-            line.x = list(range(len(ys)))
-            line.y = _finite_or_none(ys)
+        for line, steps in zip(fig.data, traces, strict=True):
+            line.x = _xs(steps, x_axis)
+            line.y = _finite_or_none([s.residual for s in steps])
 
 
-def mark_divergence(fig: go.Figure, result: SolverResult, race: tuple[str, ...] = RACE) -> None:
-    """An arrow at the last finite residual of a solve that diverged."""
+def answer_figure(race: tuple[str, ...] = RACE, x_axis: str = "evals") -> go.Figure:
+    """The empty "answer settling" chart of one request: per solver of the race, the probability
+    of the top-1 class the head gives at each f-evaluation, the class named where it changes."""
+    traces = [
+        {"type": "scatter", "x": [], "y": [], "name": solver_label(solver), "mode": "lines+markers+text",
+         "line": {"color": solver_color(solver, race), "width": 2, "shape": "hv"}, "marker": {"size": 4},
+         "textposition": "top right", "textfont": {"color": solver_color(solver, race), "size": 11},
+         "cliponaxis": False}
+        for solver in race
+    ]  # fmt: skip
+    layout = {
+        **_LAYOUT,
+        "height": 320,
+        "title": {"text": "The answer along the solve", "x": 0.01, "xanchor": "left", "yref": "container",
+                  "y": 0.97, "yanchor": "top", "font": {"size": 14}},
+        "margin": {"l": 70, "r": 20, "t": 90, "b": 50},
+        "xaxis": _x_axis(x_axis),
+        "yaxis": {**_AXIS, "title": {"text": "top-1 probability", "font": {"color": _INK}}, "range": [0, 1.1],
+                  "tickformat": ".0%"},
+        "legend": _LEGEND,
+    }  # fmt: skip
+    return go.Figure(data=traces, layout=layout)
+
+
+def update_answers(
+    fig: go.Figure, traces: list[list[Step]], x_axis: str = "evals", settled: list[int | None] | None = None
+) -> None:
+    """Show each solver's answers so far on ``answer_figure``'s chart; ``settled`` (per solver,
+    once known): the f-evaluation from which its answer was final, named in the legend."""
+    with fig.batch_update():
+        for i, (line, steps) in enumerate(zip(fig.data, traces, strict=True)):
+            names = [CIFAR10_CLASSES[s.answer] if s.answer >= 0 else "–" for s in steps]
+            line.x = _xs(steps, x_axis)
+            line.y = [s.probability if math.isfinite(s.probability) else None for s in steps]
+            line.text = [n if j == 0 or n != names[j - 1] else "" for j, n in enumerate(names)]
+            line.hovertext = names
+            base = line.name.split(" (")[0]
+            k = settled[i] if settled is not None else None
+            line.name = f"{base} (final from f-eval {k})" if k is not None else base
+
+
+def mark_divergence(
+    fig: go.Figure, result: SolverResult, race: tuple[str, ...] = RACE, x_axis: str = "evals"
+) -> None:
+    """An arrow at the last finite residual of a solve that diverged (pointing from below-left:
+    the legend sits top right)."""
     points = [(i, v) for i, v in enumerate(result.trace) if math.isfinite(v) and v > 0]
     if not points:
         return
     i, v = points[-1]
+    x = result.times_ms[i] if x_axis == "ms" and i < len(result.times_ms) else i
     color = solver_color(result.solver, race)
     fig.add_annotation(
-        x=i, y=math.log10(v), text=f"{result.label} diverged", showarrow=True, ax=-40, ay=-30,
+        x=x, y=math.log10(v), text=f"{result.label} diverged", showarrow=True, ax=-50, ay=35,
         arrowcolor=color, font={"color": color},
     )  # fmt: skip
 
@@ -129,10 +208,12 @@ def _curves(
     y_scale = {"type": "log", "exponentformat": "power"} if log_y else {}
     layout = {
         **_LAYOUT,
-        "height": 320,
-        "margin": {"l": 70, "r": 20, "t": 20, "b": 50},
-        "xaxis": {**_AXIS, "title": {"text": "epoch"}, "tick0": 0, "dtick": max(1, round(len(records) / 10))},
-        "yaxis": {**_AXIS, "title": {"text": y_title}, **y_scale},
+        "height": 340,
+        "margin": {"l": 70, "r": 20, "t": 50, "b": 50},
+        "xaxis": {**_AXIS, "title": {"text": "epoch", "font": {"color": _INK}}, "tick0": 0,
+                  "dtick": max(1, round(len(records) / 10))},
+        "legend": _LEGEND,
+        "yaxis": {**_AXIS, "title": {"text": y_title, "font": {"color": _INK}}, **y_scale},
     }
     return go.Figure(data=traces, layout=layout)
 

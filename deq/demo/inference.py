@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -25,7 +26,9 @@ __all__ = [
     "SETTING_BOUNDS",
     "SolveSettings",
     "SolverResult",
+    "Step",
     "solve",
+    "time_solve",
     "classify",
     "top_classes",
     "trustworthy",
@@ -102,9 +105,26 @@ def solver_label(solver: str) -> str:
     return lookup(solver).label
 
 
+@dataclass(frozen=True)
+class Step:
+    """One f-evaluation of a traced solve: its 0-based iteration, the batch's relative residual,
+    milliseconds since the solve started, and the answer of the head applied to f(z) there
+    (class index and its probability; -1 and nan if the logits were not finite)."""
+
+    iteration: int
+    residual: float
+    ms: float
+    answer: int
+    probability: float
+
+
 @dataclass
 class SolverResult:
-    """One solver's run on one image. probs: the class probabilities, None if not finite."""
+    """One solver's run on one image. probs: the class probabilities, None if not finite.
+
+    trace, times_ms and answers have one entry per f-evaluation of the traced run (the one drawn);
+    wall_s is that run's time, callbacks included. timing_s holds the times of repeated solves
+    of the same image without callbacks, when they were measured (``stream_solve`` does)."""
 
     solver: str
     trace: list[float]
@@ -115,6 +135,9 @@ class SolverResult:
     message: str
     wall_s: float
     probs: list[float] | None
+    times_ms: list[float] = field(default_factory=list)
+    answers: list[tuple[int, float]] = field(default_factory=list)
+    timing_s: list[float] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -124,7 +147,37 @@ class SolverResult:
     def prediction(self) -> str | None:
         if self.probs is None:
             return None
-        return CIFAR10_CLASSES[max(range(len(self.probs)), key=self.probs.__getitem__)]
+        return CIFAR10_CLASSES[self.predicted_index]
+
+    @property
+    def predicted_index(self) -> int:
+        return max(range(len(self.probs)), key=self.probs.__getitem__) if self.probs is not None else -1
+
+    @property
+    def settled_at(self) -> int | None:
+        """The f-evaluation (1-based) from which every answer along the solve was the final
+        prediction; None without answers or a finite prediction, or if the last one differs."""
+        final = self.predicted_index
+        if final < 0 or not self.answers or self.answers[-1][0] != final:
+            return None
+        k = len(self.answers)
+        while k > 0 and self.answers[k - 1][0] == final:
+            k -= 1
+        return k + 1
+
+    @property
+    def timed_wall_s(self) -> float:
+        """The wall time to report: the median of the repeated solves if there are at least
+        three, else the first repeated solve, else the traced run's."""
+        if len(self.timing_s) >= 3:
+            return statistics.median(self.timing_s)
+        return self.timing_s[0] if self.timing_s else self.wall_s
+
+    @property
+    def timing_note(self) -> str:
+        """How ``timed_wall_s`` was measured, in words."""
+        n = len(self.timing_s)
+        return f"median of {n} solves" if n >= 3 else "a single solve (noisy)"
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -136,19 +189,31 @@ def solve(
     image: Tensor,
     solver: str,
     settings: SolveSettings,
-    callback: Callable[[int, float], None] | None = None,
+    callback: Callable[[Step], None] | None = None,
 ) -> SolverResult:
     """Classify one image (1, 3, 32, 32) in [0, 1], solving its equilibrium from z0 = 0 with
-    ``solver``; ``callback(iteration, residual)`` sees every f-evaluation."""
+    ``solver``, traced: ``callback(step)`` sees every f-evaluation (residual, time, answer)."""
+    answers: list[tuple[int, float]] = []
+    times: list[float] = []
+
+    def on_logits(logits: Tensor) -> None:
+        probs = torch.softmax(logits[0].double(), 0)
+        finite = bool(torch.isfinite(probs).all())
+        answers.append((int(probs.argmax()), float(probs.max())) if finite else (-1, math.nan))
+
+    def on_residual(iteration: int, residual: float) -> None:
+        times.append((time.perf_counter() - start) * 1e3)
+        if callback is not None:
+            callback(Step(iteration, residual, times[-1], *(answers[-1] if answers else (-1, math.nan))))
+
     start = time.perf_counter()
     logits, stats = model.predict(
-        image.to(_device(model)), solver=solver, callback=callback, **settings.solver_kwargs(solver)
-    )
+        image.to(_device(model)), solver=solver, callback=on_residual, on_logits=on_logits,
+        **settings.solver_kwargs(solver),
+    )  # fmt: skip
     if logits.is_cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    logits = logits[0].double()
-    probs = torch.softmax(logits, 0).tolist() if bool(torch.isfinite(logits).all()) else None
     return SolverResult(
         solver=solver,
         trace=list(stats.trace),
@@ -158,8 +223,25 @@ def solve(
         diverged=stats.diverged,
         message=stats.message,
         wall_s=wall,
-        probs=probs,
+        probs=_probabilities(logits),
+        times_ms=times,
+        answers=answers,
     )
+
+
+def time_solve(model: DEQClassifier, image: Tensor, solver: str, settings: SolveSettings) -> float:
+    """Seconds one untraced solve of ``image`` takes (no callbacks: the cost the solver has)."""
+    image = image.to(_device(model))
+    start = time.perf_counter()
+    logits, _ = model.predict(image, solver=solver, **settings.solver_kwargs(solver))
+    if logits.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _probabilities(logits: Tensor) -> list[float] | None:
+    logits = logits[0].double()
+    return torch.softmax(logits, 0).tolist() if bool(torch.isfinite(logits).all()) else None
 
 
 def classify(

@@ -6,10 +6,12 @@ The model card itself is ``deq.card.card_markdown`` (the Hub's model README show
 
 from __future__ import annotations
 
+import math
+
 from .images import PreparedImage
 from .inference import RACE, SolverResult, SolveSettings, solver_label, trustworthy
 
-__all__ = ["results_table", "warnings", "status", "input_summary", "train_log_note"]
+__all__ = ["results_table", "verdict", "warnings", "status", "input_summary", "train_log_note"]
 
 
 def _fmt_time(seconds: float) -> str:
@@ -23,30 +25,42 @@ def _outcome(r: SolverResult) -> str:
 
 
 def results_table(results: dict[str, SolverResult], race: tuple[str, ...] = RACE) -> str:
-    """Markdown: iterations, f-evaluations, final residual, wall time per solver of the race;
-    once all have finished, each one's speed-up over the baseline (the race's last solver)
-    and whether they reach the same prediction."""
+    """Markdown: iterations, f-evaluations, final residual, wall time and the f-evaluation from
+    which the answer was final, per solver of the race; once all have finished, each one's
+    speed-up over the baseline (the race's last solver) and whether they reach the same prediction."""
     if not results:
         return ""
+    done = all(solver in results for solver in race)
+    timed = [r for r in results.values() if r.timing_s]
+    wall_header = f"wall time ({timed[0].timing_note})" if done and timed else "wall time (traced run)"
     lines = [
-        "| solver | iterations | f-evals | residual | wall time | result | prediction |",
-        "|---|---:|---:|---:|---:|---|---|",
+        f"| solver | iterations | f-evals | residual | {wall_header} | result | answer final at "
+        "| prediction |",
+        "|---|---:|---:|---:|---:|---|---:|---|",
     ]
     for solver in race:
         r = results.get(solver)
         if r is None:
-            lines.append(f"| {solver_label(solver)} | … | | | | running | |")
+            lines.append(f"| {solver_label(solver)} | … | | | | running | | |")
             continue
         pred = f"{r.prediction} ({max(r.probs):.0%})" if r.probs is not None else "–"
+        settled = f"f-eval {r.settled_at}" if r.settled_at is not None else "–"
         lines.append(
             f"| {r.label} | {max(len(r.trace) - 1, 0)} | {r.n_evals} | {r.residual:.2e} | "
-            f"{_fmt_time(r.wall_s)} | {_outcome(r)} | {pred} |"
+            f"{_fmt_time(r.timed_wall_s)} | {_outcome(r)} | {settled} | {pred} |"
         )
-    if not all(solver in results for solver in race):
+    if not done:
         return "\n".join(lines)
     baseline = results[race[-1]]
     speedups = [_speedup(results[solver], baseline) for solver in race[:-1]]
     return "\n\n".join(["\n".join(lines), *speedups, _agreement([results[s] for s in race])])
+
+
+def _times(ratio: float, fewer: str, more: str) -> str:
+    """ "2.1x fewer f-evaluations" or, for a ratio below 1, "1.3x more f-evaluations": never 0.8x fewer."""
+    if not math.isfinite(ratio) or ratio <= 0:
+        return f"no comparable {fewer.split(' ', 1)[-1]}"
+    return f"{ratio:.1f}x {fewer}" if ratio >= 1 else f"{1 / ratio:.1f}x {more}"
 
 
 def _speedup(a: SolverResult, base: SolverResult) -> str:
@@ -54,12 +68,38 @@ def _speedup(a: SolverResult, base: SolverResult) -> str:
         return f"**Speed-up:** none to report, {a.label} did not reach tol."
     at_least = "" if base.converged else "at least "  # the baseline stopped at max_iter
     evals = base.n_evals / max(a.n_evals, 1)
-    wall = base.wall_s / a.wall_s if a.wall_s > 0 else float("inf")
+    wall = base.timed_wall_s / a.timed_wall_s if a.timed_wall_s > 0 else float("inf")
+    evals_text = _times(evals, "fewer f-evaluations", "more f-evaluations")
+    wall_text = _times(wall, "less wall time", "more wall time")
+    prefix = at_least if evals >= 1 else ""
     return (
-        f"**Speed-up of {a.label} over {base.label}:** {at_least}{evals:.1f}x fewer f-evaluations, "
-        f"{at_least}{wall:.1f}x less wall time"
-        + ("" if base.converged else f" ({base.label} did not reach tol)")
+        f"**Speed-up of {a.label} over {base.label}:** {prefix}{evals_text}, "
+        f"{at_least if wall >= 1 else ''}{wall_text} ({a.timing_note})"
+        + ("" if base.converged else f"; {base.label} did not reach tol")
+        + "."
     )
+
+
+def verdict(results: dict[str, SolverResult], race: tuple[str, ...] = RACE, sep: str = ", ") -> str:
+    """The race's outcome (the residual chart's title), once every solver finished:
+    "Anderson: 9 f-evaluations, forward iteration: 19 (2.1x fewer)", the solvers joined by ``sep``."""
+    if not race or not all(s in results for s in race):
+        return ""
+    parts = []
+    for i, solver in enumerate(race):
+        r = results[solver]
+        what = f"{r.n_evals} f-evaluations" if i == 0 else f"{r.n_evals}"
+        if r.diverged:
+            what += " (diverged)"
+        elif not r.converged:
+            what += " (stopped at max_iter)" if r.n_evals >= 1 else ""
+        parts.append(f"{r.label}: {what}")
+    first, base = results[race[0]], results[race[-1]]
+    if len(race) > 1 and first.converged:
+        ratio = base.n_evals / max(first.n_evals, 1)
+        at_least = "≥ " if not base.converged and ratio >= 1 else ""
+        parts[-1] += f" ({at_least}{_times(ratio, 'fewer', 'more')})"
+    return sep.join(parts)
 
 
 def _agreement(results: list[SolverResult]) -> str:
@@ -94,13 +134,16 @@ def warnings(results: dict[str, SolverResult], settings: SolveSettings) -> list[
 
 
 def status(
-    results: dict[str, SolverResult], running: tuple[str, int, float] | None, settings: SolveSettings
+    results: dict[str, SolverResult],
+    running: dict[str, tuple[int, float]] | None,
+    settings: SolveSettings,
 ) -> str:
-    """The status line: which solver is at which iteration, or what stopped short and why."""
+    """The status line: each running solver's iteration and residual ({solver: (iteration,
+    residual)}), or what stopped short and why."""
     parts = []
-    if running is not None:
-        solver, it, res = running
-        parts.append(f"Solving… {solver_label(solver)}: iteration {it}, residual {res:.2e}")
+    if running:
+        positions = [f"{solver_label(s)}: iteration {i}, residual {r:.2e}" for s, (i, r) in running.items()]
+        parts.append("Solving… " + "; ".join(positions))
     else:
         parts.append("Done.")
     for r in results.values():
