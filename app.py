@@ -26,6 +26,7 @@ except ImportError:
 import gradio as gr
 import torch
 from gradio.utils import get_upload_folder
+from gradio_client import handle_file
 from starlette.middleware import Middleware
 
 from deq.card import card_markdown
@@ -62,6 +63,7 @@ SCROLL_TO_CHART_JS = """(...args) => {
 # launch with the same.
 LAUNCH_KWARGS = {
     "css": CSS,
+    "mcp_server": True,  # the solve is also an MCP tool (gradio[mcp])
     "max_file_size": MAX_FILE_BYTES,
     "app_kwargs": {"middleware": [Middleware(RequestBodyLimit)]},
 }
@@ -100,6 +102,18 @@ Once both have converged they agree: the classifier only looks at $z^\star$, not
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
 
+#: The image of the API's example call ("Use via API", the MCP schema): one this repository ships,
+#: relative to a checkout, instead of Gradio's default image on an external site.
+API_EXAMPLE_IMAGE = "examples/ship.jpg"
+
+
+def _with_api_example(image: gr.Image) -> gr.Image:
+    # Set on the instance: a subclass of a Gradio component makes Gradio write a .pyi stub beside it.
+    image.example_payload = lambda: handle_file(API_EXAMPLE_IMAGE)
+    image.example_value = lambda: API_EXAMPLE_IMAGE
+    return image
+
+
 def _user_error(err: Exception) -> gr.Error:
     return gr.Error(str(err), print_exception=False)
 
@@ -111,16 +125,18 @@ X_AXIS_CHOICES = {"f-evaluations": "evals", "milliseconds": "ms"}
 def solve_request(catalogue: Catalogue, payload: dict | None, model_label: str, beta: float, log10_tol: float,
                   m: float, log10_lam: float, max_iter: float, x_axis: str = "f-evaluations",
                   replay_s: float = REPLAY_S) -> Iterator[tuple]:  # fmt: skip
-    """The solve event: (residual plot, answer plot, label, table, status, preview) frames while
-    the race is drawn. ``payload`` is gr.Image's raw value: the event runs with preprocess=False
-    so that ``deq.demo`` decodes the upload itself and says what is wrong with a bad one."""
+    """The solve event: (residual plot, answer plot, label, table, status, preview, JSON report)
+    frames while the race is drawn (the report in the final frame only). ``payload`` is gr.Image's
+    raw value: the event runs with preprocess=False so that ``deq.demo`` decodes the upload itself
+    and says what is wrong with a bad one."""
     try:
         source = image_source(payload, Path(get_upload_folder()), EXAMPLE_FILES)
         if source is None:
-            yield None, None, None, "", "Upload an image or pick an example.", None
+            yield None, None, None, "", "Upload an image or pick an example.", None, None
             return
-        model = catalogue.get(model_label or catalogue.default).model
+        entry = catalogue.get(model_label or catalogue.default)
         settings = SolveSettings.from_ui(beta, log10_tol, m, log10_lam, max_iter)
+        model = entry.model_for(settings.tol)  # float64 where float32 cannot reach tol
         if x_axis not in X_AXIS_CHOICES:
             raise ValueError(f"x_axis must be one of {list(X_AXIS_CHOICES)}, got {x_axis!r}")
         prepared = prepare_image(source)
@@ -139,6 +155,7 @@ def solve_request(catalogue: Catalogue, payload: dict | None, model_label: str, 
             frame.table,
             f"{frame.status}  \n{about}",
             preview if i == 0 else gr.skip(),
+            frame.report if frame.final else gr.skip(),
         )
 
 
@@ -155,16 +172,34 @@ def describe_model(catalogue: Catalogue, label: str) -> tuple:
 def build_demo(catalogue: Catalogue) -> gr.Blocks:
     """The page, serving ``catalogue``'s models (its handlers close over it; nothing global)."""
 
-    def solve(image: dict | None, model_label: str, beta: float, log10_tol: float, m: float, log10_lam: float,
-              max_iter: float, x_axis: str):  # fmt: skip
-        """Classify an image and stream (residual plot, answer plot, top-5 label, results table,
-        status, what the model sees) while each solver finds the equilibrium."""
+    def solve(image: dict | None, model_label: str, beta: float, log10_tol: float, m: int, log10_lam: float,
+              max_iter: int, x_axis: str):  # fmt: skip
+        """Classify a 32x32-or-larger RGB image with a deep equilibrium model, solving its equilibrium
+        z* = f(z*, x) with Anderson acceleration and with forward iteration side by side. Streams the
+        residual chart, the answer-along-the-solve chart, the top-5 prediction, a results table, a
+        status line and the 32x32 input; the last output is a JSON report with each solver's
+        per-f-evaluation residuals, times and answers, f-evaluations, convergence and wall times.
+
+        Args:
+            image: the image to classify (any common format; centre-cropped and resized to 32x32).
+            model_label: which served checkpoint classifies it (one of the dropdown's choices).
+            beta: Anderson's mixing parameter (0.1-3): below 1 damps, above 1 over-projects.
+            log10_tol: the tolerance on the relative residual, as a power of ten (-4 means 1e-4).
+            m: Anderson's memory, the number of past iterates it combines (1-10).
+            log10_lam: Anderson's Tikhonov regulariser, as a power of ten.
+            max_iter: the most f-evaluations each solver may spend (10-500).
+            x_axis: "f-evaluations" or "milliseconds": the charts' x axis.
+        """
         yield from solve_request(
             catalogue, image, model_label, beta, log10_tol, m, log10_lam, max_iter, x_axis
         )
 
     def model_info(label: str):
-        """Model card, training-log note and the three training charts of one model."""
+        """Model card, training-log note and the three training charts of one served model.
+
+        Args:
+            label: which served checkpoint to describe (one of the dropdown's choices).
+        """
         return describe_model(catalogue, label)
 
     if spaces is not None:  # ZeroGPU: the GPU is attached only inside spaces.GPU functions
@@ -175,14 +210,14 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
         with gr.Tab("Classify and solve"):
             with gr.Row():
                 with gr.Column(scale=2, min_width=300):
-                    image = gr.Image(
+                    image = _with_api_example(gr.Image(
                         type="filepath",
                         image_mode=None,
                         sources=["upload", "clipboard"],
                         label="Image",
                         height=260,
                         elem_id="image-input",
-                    )
+                    ))  # fmt: skip
                     gr.Examples(
                         [[str(p)] for p in EXAMPLES],
                         inputs=image,
@@ -203,11 +238,10 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
                         -8, -1, value=-4, step=0.5, label="tol (log10)", info="-4 means tol = 1e-4"
                     )
                     with gr.Accordion("Advanced", open=False):
-                        m = gr.Slider(1, 10, value=5, step=1, label="Anderson memory m")
+                        m = gr.Slider(1, 10, value=5, step=1, precision=0, label="Anderson memory m")
                         lam = gr.Slider(-8, 0, value=-4, step=1, label="Anderson regulariser lam (log10)")
-                        max_iter = gr.Slider(
-                            10, 500, value=100, step=10, label="max_iter (f-evaluations per solver)"
-                        )
+                        max_iter = gr.Slider(10, 500, value=100, step=10, precision=0,
+                                             label="max_iter (f-evaluations per solver)")  # fmt: skip
                     run = gr.Button("Solve", variant="primary")
                 with gr.Column(scale=3):
                     # The verdict is the chart's title: no component label above it.
@@ -223,8 +257,10 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
                         )
                         preview = gr.Image(label="What the model sees (32x32)", interactive=False, height=160,
                                            scale=2)  # fmt: skip
-                    table = gr.Markdown(elem_id="results-table")
-                    status = gr.Markdown("Upload an image or pick an example.")
+                    table = gr.Markdown(label="Results table", elem_id="results-table")
+                    status = gr.Markdown("Upload an image or pick an example.", label="Status")
+                    with gr.Accordion("The result as JSON (what the API returns last)", open=False):
+                        report = gr.JSON(label="Result (JSON)")
             gr.Markdown(EXPLAIN, latex_delimiters=LATEX)
             card_md = gr.Markdown(card)
         with gr.Tab("How it was trained"):
@@ -238,7 +274,7 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
                       max_iter.release, model_choice.input, x_axis.input],
             fn=solve,
             inputs=[image, model_choice, beta, tol, m, lam, max_iter, x_axis],
-            outputs=[plot, answers, label, table, status, preview],
+            outputs=[plot, answers, label, table, status, preview, report],
             api_name="solve",
             trigger_mode="always_last",
             concurrency_limit=CONCURRENCY,

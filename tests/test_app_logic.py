@@ -27,6 +27,7 @@ from deq.demo.catalogue import (
     DEFAULT_CHECKPOINTS,
     Catalogue,
     ServedModel,
+    float64_copy,
     load_models,
     model_sources,
     train_log,
@@ -605,8 +606,10 @@ def test_app_wiring(app_module, app_catalogue, app_demo):
     assert solve.concurrency_limit == app_module.CONCURRENCY
     assert [type(c).__name__ for c in solve.inputs] == ["Image", "Dropdown"] + ["Slider"] * 5 + ["Radio"]
     assert [type(c).__name__ for c in solve.outputs] == [
-        "Plot", "Plot", "Label", "Markdown", "Markdown", "Image"
+        "Plot", "Plot", "Label", "Markdown", "Markdown", "Image", "JSON"
     ]  # fmt: skip
+    assert all(c.label for c in solve.outputs)  # named in the API, not value_22
+    assert [c.precision for c in solve.inputs[4:7:2]] == [0, 0]  # m and max_iter are integers
     triggers = {(demo.blocks[block_id].__class__.__name__, event) for block_id, event in solve.targets}
     assert {
         ("Image", "change"),
@@ -626,15 +629,22 @@ def test_app_solve_generator(app_module, app_catalogue):
     gr = pytest.importorskip("gradio")
     args = (app_catalogue.default, 1.0, -3, 5, -4, 20)
     frames = list(app_module.solve_request(app_catalogue, {"path": str(EXAMPLES / "frog.jpg")}, *args))
-    plot, answers, label, table, status, preview = frames[-1]
+    plot, answers, label, table, status, preview, result = frames[-1]
     assert len(json.loads(plot.to_json())["data"]) == 2 and len(label) == 5
     assert len(json.loads(answers.to_json())["data"]) == 2
     assert "Anderson" in table and "Input: JPEG 32x32" in status
     assert plot.layout.title.text.startswith("Anderson: ")  # the verdict, in the chart's title
+    assert [s["solver"] for s in result["solvers"]] == ["anderson", "forward"]
+    assert json.loads(json.dumps(result, allow_nan=False)) == result  # plain JSON, no NaN
+    for s in result["solvers"]:
+        trace = s["trace"]
+        assert len(trace["residual"]) == len(trace["ms"]) == len(trace["answer"]) == s["f_evals"]
+        assert s["prediction"] in s["probabilities"] and len(s["wall_ms_runs"]) >= 3
+    assert all(f[6] == gr.skip() for f in frames[:-1])  # the report comes once, at the end
     assert frames[0][5].size == (128, 128)  # the 32x32 input, enlarged
     assert all(f[5] == gr.skip() for f in frames[1:])  # sent once
     assert list(app_module.solve_request(app_catalogue, None, *args)) == [
-        (None, None, None, "", "Upload an image or pick an example.", None)
+        (None, None, None, "", "Upload an image or pick an example.", None, None)
     ]
     data_url = "data:image/jpeg;base64," + base64.b64encode((EXAMPLES / "frog.jpg").read_bytes()).decode()
     assert (
@@ -730,7 +740,7 @@ def test_app_warns_when_a_solver_diverges(app_module, app_catalogue):
     with pytest.warns(UserWarning, match="diverged"):  # gr.Warning outside a request warns
         frames = list(app_module.solve_request(catalogue, {"path": str(EXAMPLES / "cat.jpg")}, "diverging",
                                                3.0, -4, 5, -4, 50))  # fmt: skip
-    plot, _, label, table, status, _ = frames[-1]
+    plot, _, label, table, status, _, _ = frames[-1]
     assert "**diverged**" in table and "⚠️" in status and "NaN" not in plot.to_json()
     assert label is None or all(math.isfinite(v) for v in label.values())
 
@@ -776,3 +786,18 @@ def test_request_body_limit_answers_413_before_or_while_reading():
     assert run("/gradio_api/queue/join", [b"x"], declared="lots") == [413]
     with pytest.raises(ValueError, match="max_bytes"):
         RequestBodyLimit(app, max_bytes=0)
+
+
+def test_a_tolerance_below_float32s_reach_is_solved_in_float64():
+    model = small_model()
+    entry = ServedModel("m", "-", model, [], None, model64=float64_copy(model))
+    assert entry.model_for(1e-4) is model and entry.model_for(1e-8) is entry.model64
+    assert ServedModel("m", "-", model, [], None).model_for(1e-8) is model  # no copy: float32
+    assert next(model.parameters()).dtype == torch.float32  # the shared model is untouched
+    settings = SolveSettings(tol=1e-8, max_iter=300)
+    final = list(stream_solve(entry.model_for(settings.tol), load_image(EXAMPLES / "cat.jpg"), settings,
+                              replay_s=0))[-1]  # fmt: skip
+    anderson = final.results["anderson"]
+    assert anderson.dtype == "float64" and anderson.converged and anderson.residual < 1e-8
+    assert "solved in float64" in final.status
+    assert final.report["solvers"][0]["dtype"] == "float64"

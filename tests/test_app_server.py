@@ -38,15 +38,17 @@ def solve(client: Client, path: Path, log10_tol: float = -3, max_iter: int = 30)
 
 
 def test_streamed_solve_sends_intermediate_plots_and_a_final_label(client):
-    # tol 1e-8 is out of float32's reach: both solvers run all 300 steps (about a second or more).
+    # tol 1e-8 is out of float32's reach: the server solves in float64, and reaches it
     job = solve(client, EXAMPLES / "horse.jpg", log10_tol=-8, max_iter=300)
     frames = list(job)
     assert len(frames) >= 4
+    plot, answers, label, table, status, _, result = job.result()
+    evals = [s["f_evals"] for s in result["solvers"]]
     partial = [curves(f[0]) for f in frames[:-1]]
-    assert any(len(a) + len(f) < 600 for a, f in partial)  # intermediate updates of the plot
+    assert any(len(a) + len(f) < sum(evals) for a, f in partial)  # intermediate updates of the plot
     assert [len(a) + len(f) for a, f in partial] == sorted(len(a) + len(f) for a, f in partial)
-    plot, answers, label, table, status, _ = job.result()
-    assert [len(y) for y in curves(plot)] == [300, 300]
+    assert all(s["dtype"] == "float64" and s["converged"] and s["residual"] < 1e-8 for s in result["solvers"])
+    assert [len(y) for y in curves(plot)] == evals
     assert len(label["confidences"]) == 5 and label["label"] == label["confidences"][0]["label"]
     assert "| Anderson |" in table and "| forward iteration |" in table
     assert status.startswith("Done")
@@ -147,3 +149,23 @@ def test_python_app_py_serves_where_gradio_env_says(tiny_checkpoint, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_api_is_documented_typed_and_an_mcp_tool(client, app_url):
+    """Named, described parameters with integer types where they are integers, named outputs,
+    and the solve offered as an MCP tool (the server runs with mcp_server=True)."""
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/solve"]
+    params = {p["parameter_name"]: p for p in info["parameters"]}
+    assert list(params) == ["image", "model_label", "beta", "log10_tol", "m", "log10_lam", "max_iter",
+                            "x_axis"]  # fmt: skip
+    assert (ROOT / params["image"]["example_input"]["path"]).is_file()  # a shipped image
+    assert params["m"]["type"]["type"] == params["max_iter"]["type"]["type"] == "integer"
+    assert [r["label"] for r in info["returns"]][-1] == "Result (JSON)"
+    assert not any(r["label"].startswith("value_") for r in info["returns"])
+    with urllib.request.urlopen(app_url.rstrip("/") + "/gradio_api/mcp/schema", timeout=30) as response:
+        tools = json.loads(response.read())
+    solve_tools = [t for t in tools if t["name"].endswith("solve")]
+    assert solve_tools and "deep equilibrium model" in solve_tools[0]["description"]
+    properties = solve_tools[0]["inputSchema"]["properties"]
+    assert set(properties) == set(params)
+    assert all(p.get("description") for p in properties.values())  # from the docstring's Args

@@ -103,7 +103,7 @@ def test_the_apps_race_is_one_list(toy_solver, monkeypatch):
     model = DEQClassifier(ModelConfig(n_channels=16, n_inner_channels=16, n_groups=4)).eval()
     catalogue = Catalogue({"toy": ServedModel("toy", "-", model, [], None)}, "toy")
     frames = app.solve_request(catalogue, {"path": str(EXAMPLES / "cat.jpg")}, "toy", 1.0, -3, 5, -4, 30)
-    *_, (plot, _, _, table, _, _) = frames
+    *_, (plot, _, _, table, _, _, _) = frames
     assert [t.name.split(" (")[0] for t in plot.data] == ["Anderson", "damped iteration", "forward iteration"]
     assert table.count("| damped iteration |") == 1 and "Speed-up of Anderson over forward iteration" in table
 

@@ -8,6 +8,7 @@ training log. The only reader of the app's environment variables:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Mapping
@@ -18,10 +19,11 @@ import torch
 
 from ..checkpoint import CHECKPOINTS_DIR, WEIGHTS_NAME, EpochRecord, find_checkpoints, load_model, read_log
 from ..model import DEQClassifier
+from .inference import FLOAT64_BELOW_TOL
 
 __all__ = [
     "DEFAULT_CHECKPOINTS", "ServedModel", "Catalogue", "load_catalogue", "model_sources", "load_models",
-    "default_device", "train_log",
+    "default_device", "train_log", "float64_copy",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -36,13 +38,24 @@ DEFAULT_CHECKPOINTS = ("large", "cpu", "seed")
 @dataclass(frozen=True)
 class ServedModel:
     """One model on offer: its label, where it came from, the loaded model (eval mode) and its
-    training log (``log_problem`` says why there is none, or None)."""
+    training log (``log_problem`` says why there is none, or None); ``model64``, a float64 copy
+    for tolerances float32 cannot reach (None: solve those in float32 too)."""
 
     label: str
     source: str
     model: DEQClassifier
     train_log: list[EpochRecord]
     log_problem: str | None
+    model64: DEQClassifier | None = None
+
+    def model_for(self, tol: float) -> DEQClassifier:
+        """The copy that can reach ``tol``: float64 below ``FLOAT64_BELOW_TOL``, if there is one."""
+        return self.model64 if tol < FLOAT64_BELOW_TOL and self.model64 is not None else self.model
+
+
+def float64_copy(model: DEQClassifier) -> DEQClassifier:
+    """A float64 copy of a loaded model (eval mode): a copy, since requests share the original."""
+    return copy.deepcopy(model).double().eval()
 
 
 @dataclass(frozen=True)
@@ -134,7 +147,8 @@ def load_catalogue(environ: Mapping[str, str] = os.environ) -> Catalogue:
     sources, default = model_sources(root, named)
     models = load_models(sources, default, default_device(environ), fallback=named is None)
     entries = {
-        label: ServedModel(label, sources[label], model, *train_log(sources[label]))
+        label: ServedModel(label, src, model, *train_log(src), model64=float64_copy(model))
         for label, model in models.items()
+        for src in [sources[label]]
     }
     return Catalogue(entries, default if default in entries else next(iter(entries)))

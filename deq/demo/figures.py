@@ -210,8 +210,12 @@ def _curves(
         **_LAYOUT,
         "height": 340,
         "margin": {"l": 70, "r": 20, "t": 50, "b": 50},
-        "xaxis": {**_AXIS, "title": {"text": "epoch", "font": {"color": _INK}}, "tick0": 0,
-                  "dtick": max(1, round(len(records) / 10))},
+        "xaxis": {
+            **_AXIS,
+            "title": {"text": "epoch", "font": {"color": _INK}},
+            "tick0": 0,
+            "dtick": max(1, round(len(records) / 10)),
+        },
         "legend": _LEGEND,
         "yaxis": {**_AXIS, "title": {"text": y_title, "font": {"color": _INK}}, **y_scale},
     }

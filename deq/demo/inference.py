@@ -24,11 +24,13 @@ from ..solvers import lookup
 __all__ = [
     "RACE",
     "SETTING_BOUNDS",
+    "FLOAT64_BELOW_TOL",
     "SolveSettings",
     "SolverResult",
     "Step",
     "solve",
     "time_solve",
+    "report",
     "classify",
     "top_classes",
     "trustworthy",
@@ -38,6 +40,10 @@ __all__ = [
 
 #: The solvers the demo races, in order; the last is the baseline (plain forward iteration).
 RACE: tuple[str, ...] = ("anderson", "forward")
+
+#: Tolerances below this are solved in float64: float32 residuals bottom out near 1e-7, where
+#: both solvers would stall above the tolerance line as if it were reachable.
+FLOAT64_BELOW_TOL = 1e-6
 
 #: Accepted range of each solver setting: keeps the cost of any request bounded.
 SETTING_BOUNDS = {
@@ -138,6 +144,7 @@ class SolverResult:
     times_ms: list[float] = field(default_factory=list)
     answers: list[tuple[int, float]] = field(default_factory=list)
     timing_s: list[float] = field(default_factory=list)
+    dtype: str = "float32"  # the arithmetic of the solve
 
     @property
     def label(self) -> str:
@@ -184,6 +191,12 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _as_input(model: torch.nn.Module, image: Tensor) -> Tensor:
+    """The image on the model's device, in the model's precision (float64 copies solve in float64)."""
+    weight = next(model.parameters())
+    return image.to(device=weight.device, dtype=weight.dtype)
+
+
 def solve(
     model: DEQClassifier,
     image: Tensor,
@@ -206,11 +219,11 @@ def solve(
         if callback is not None:
             callback(Step(iteration, residual, times[-1], *(answers[-1] if answers else (-1, math.nan))))
 
+    image = _as_input(model, image)
     start = time.perf_counter()
     logits, stats = model.predict(
-        image.to(_device(model)), solver=solver, callback=on_residual, on_logits=on_logits,
-        **settings.solver_kwargs(solver),
-    )  # fmt: skip
+        image, solver=solver, callback=on_residual, on_logits=on_logits, **settings.solver_kwargs(solver)
+    )
     if logits.is_cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -226,17 +239,53 @@ def solve(
         probs=_probabilities(logits),
         times_ms=times,
         answers=answers,
+        dtype=str(image.dtype).removeprefix("torch."),
     )
 
 
 def time_solve(model: DEQClassifier, image: Tensor, solver: str, settings: SolveSettings) -> float:
     """Seconds one untraced solve of ``image`` takes (no callbacks: the cost the solver has)."""
-    image = image.to(_device(model))
+    image = _as_input(model, image)
     start = time.perf_counter()
     logits, _ = model.predict(image, solver=solver, **settings.solver_kwargs(solver))
     if logits.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def report(results: dict[str, SolverResult], race: tuple[str, ...], settings: SolveSettings) -> dict:
+    """A request's outcome as plain JSON data (the API's result): the settings, and per solver of
+    the race its per-f-evaluation residuals, times and answers, the f-evaluation count, whether it
+    converged or diverged, its final residual, wall times and class probabilities."""
+
+    def one(r: SolverResult) -> dict:
+        finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 (JSON has no inf/NaN)
+        return {
+            "solver": r.solver,
+            "label": r.label,
+            "f_evals": r.n_evals,
+            "iterations": max(len(r.trace) - 1, 0),
+            "converged": r.converged,
+            "diverged": r.diverged,
+            "message": r.message,
+            "dtype": r.dtype,
+            "residual": finite(r.residual),
+            "wall_ms": round(r.timed_wall_s * 1e3, 3),
+            "wall_ms_measured_as": r.timing_note,
+            "wall_ms_runs": [round(t * 1e3, 3) for t in r.timing_s],
+            "prediction": r.prediction,
+            "answer_final_at_f_eval": r.settled_at,
+            "probabilities": None if r.probs is None else dict(zip(CIFAR10_CLASSES, r.probs, strict=True)),
+            "trace": {
+                "residual": [finite(v) for v in r.trace],
+                "ms": [round(t, 3) for t in r.times_ms],
+                "answer": [CIFAR10_CLASSES[a] if a >= 0 else None for a, _ in r.answers],
+                "probability": [finite(p) for _, p in r.answers],
+            },
+        }
+
+    solvers = [one(results[s]) for s in race if s in results]
+    return {"settings": asdict(settings), "race": list(race), "solvers": solvers}
 
 
 def _probabilities(logits: Tensor) -> list[float] | None:

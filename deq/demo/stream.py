@@ -33,7 +33,7 @@ from .figures import (
     update_traces,
 )
 from .images import PreparedImage
-from .inference import SolverResult, SolveSettings, Step, solve, time_solve, top_classes, trustworthy
+from .inference import SolverResult, SolveSettings, Step, report, solve, time_solve, top_classes, trustworthy
 from .text import results_table, status, verdict, warnings
 
 __all__ = ["Frame", "stream_solve", "warm_up", "FRAME_INTERVAL", "REPLAY_S", "TIMING_ROUNDS"]
@@ -61,6 +61,7 @@ class Frame:
     warnings: list[str] = field(default_factory=list)
     results: dict[str, SolverResult] = field(default_factory=dict)
     final: bool = False
+    report: dict | None = None  # the final frame's JSON report (inference.report)
 
 
 class _Cancelled(Exception):
@@ -320,6 +321,7 @@ class _View:
             warnings=warnings(results, self.settings) if final else [],
             results=dict(results),
             final=final,
+            report=report(results, self.race, self.settings) if final else None,
         )
 
 

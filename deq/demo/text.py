@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from .images import PreparedImage
-from .inference import RACE, SolverResult, SolveSettings, solver_label, trustworthy
+from .inference import FLOAT64_BELOW_TOL, RACE, SolverResult, SolveSettings, solver_label, trustworthy
 
 __all__ = ["results_table", "verdict", "warnings", "status", "input_summary", "train_log_note"]
 
@@ -149,8 +149,12 @@ def status(
     for r in results.values():
         if not r.converged and not r.diverged:
             parts.append(f"{r.label} stopped at max_iter={settings.max_iter} above tol.")
-    if running is None and settings.tol < 1e-6:
-        parts.append("Residuals bottom out near 1e-7 in float32: a smaller tol may not be reachable.")
+    if not running and results and settings.tol < FLOAT64_BELOW_TOL:
+        if all(r.dtype == "float64" for r in results.values()):
+            floor = f"{FLOAT64_BELOW_TOL:.0e}"
+            parts.append(f"tol below {floor}: solved in float64 (float32 residuals bottom out near 1e-7).")
+        else:
+            parts.append("Residuals bottom out near 1e-7 in float32: a smaller tol may not be reachable.")
     parts += [f"⚠️ {w}" for w in warnings(results, settings)]
     return "  \n".join(parts)
 
