@@ -55,6 +55,7 @@ from deq.checkpoint import (
 from deq.data import batches, describe_source, load_cifar10, random_subset, split_validation
 from deq.evaluate import device_label, evaluate
 from deq.layer import BACKWARD_MODES
+from deq.model import ARCHITECTURES
 from deq.solvers import COMMON_OPTIONS, SOLVERS, lookup
 
 
@@ -212,47 +213,126 @@ def config_from_options(options: dict) -> TrainConfig:
     return TrainConfig(model=model, **{k: v for k, v in options.items() if k in train_fields})
 
 
-#: --help texts that say more than the default.
+#: One line of --help per option; parse_args adds each option's default (and its choices).
 OPTION_HELP = {
-    "solver": "forward solver, any registered one (default: 'anderson')",
-    "backward_solver": "solver of the implicit backward (default: the forward solver)",
-    "solver_option": "a forward solver option of its own, e.g. m=6, lam=1e-3, beta=0.8 for Anderson "
-    "(default: the solver's own defaults, m=5 lam=1e-4 beta=1 for Anderson); repeatable; the "
-    "backward solve takes them too when it uses the same solver",
-    "backward_option": "a backward solver option of its own (as --solver-option); repeatable",
+    # the model (MODEL_OPTIONS)
+    "arch": "the layout around the DEQ cell: a registered architecture (deq.model.ARCHITECTURES)",
+    "n_channels": "channels of the equilibrium state z",
+    "n_inner_channels": "channels inside the cell (its first convolution)",
+    "n_groups": "GroupNorm groups of the cell",
+    "init_std": "standard deviation of the cell's initial convolution weights",
+    "solver": "forward solver: any registered one",
+    "f_tol": "forward solve: stop at this relative residual",
+    "f_max_iter": "forward solve: at most this many f-evaluations",
+    "solver_option": "a forward solver option of its own, KEY=VALUE, repeatable, e.g. m=6, lam=1e-3, "
+    "beta=0.8 for Anderson (its defaults: m=5 lam=1e-4 beta=1); the backward takes them too with the "
+    "same solver",
     "backward": "implicit: the exact implicit gradient; phantom: backprop through --phantom-steps "
-    "applications of f at z* (default: 'implicit')",
-    "jac_target": "with --jac-reg: penalise only the Jacobian penalty's excess over this value "
-    "(default: 0, off)",
-    "jac_two_sided": "with --jac-target: penalise the distance to the target either way, so the "
-    "cell is pushed towards it from below too (default: False)",
+    "applications of f at z*",
+    "backward_solver": "solver of the implicit backward ('' = the forward solver)",
+    "b_tol": "backward solve: stop at this relative residual",
+    "b_max_iter": "backward solve: at most this many iterations",
+    "backward_option": "a backward solver option of its own, KEY=VALUE (as --solver-option), repeatable",
+    "phantom_steps": "with --backward phantom: applications of f backpropagated through",
+    # data
+    "data": "CIFAR-10 as class folders (the JPEG copy unpacked), or where --download puts it",
+    "download": "fetch CIFAR-10 with torchvision if --data lacks it (needs a network)",
+    "val_images": "hold this many training images out for validation (0: evaluate on the test set)",
+    "augment": "random crops (padding 4) and horizontal flips",
+    "limit_train": "train on the first N training images only (0: all); for smoke tests",
+    "limit_test": "evaluate on the first N held-out images only (0: all); for smoke tests",
+    # optimisation
+    "epochs": "epochs to train (with --time-budget-s: an upper bound only)",
+    "time_budget_s": "train for this many seconds of wall time, the schedule planned over it (0: off)",
+    "batch_size": "images per step (per process under torchrun)",
+    "lr": "Adam's peak learning rate",
+    "min_lr": "the learning rate the cosine schedule ends at",
+    "warmup": "fraction of the schedule with a linear learning-rate warm-up",
+    "weight_decay": "Adam's L2 weight decay",
+    "label_smoothing": "label smoothing of the cross-entropy loss",
+    "jac_reg": "weight of the Jacobian regulariser ||df/dz||_F^2 / dim (0: off); keeps f contractive",
+    "jac_target": "with --jac-reg: penalise only the Jacobian penalty's excess over this value (0: off)",
+    "jac_two_sided": "with --jac-target: penalise the distance to the target either way",
+    # evaluation
+    "test_flip": "evaluate on each image and its mirror, averaging the logits",
+    "bn_recalibrate": "recompute BatchNorm statistics on this many training images before each "
+    "evaluation (0: off)",
+    # the machine
+    "amp": "bf16 autocast on CUDA (the solver's own arithmetic stays float32)",
+    "channels_last": "channels-last memory format (faster convolutions on GPUs)",
+    "compile": "torch.compile the cell (not with --jac-reg: no double backward)",
+    "seed": "random seed (initialisation, shuffling, augmentation)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "progress": "a progress bar per epoch",
+    # the output
+    "out": "the run's directory: checkpoint, card (config.json), train_log.jsonl",
+    "resume": "continue the run in --out from its last finished epoch",
+    "overwrite": "replace what --out holds (never done silently)",
+    "init_from": "start from this checkpoint's weights (a fine-tune; its architecture must match)",
 }
 
 
+#: What each preset is for, in --help.
+PRESET_PURPOSE = {
+    "seed": "the reference recipe: 50 epochs of Adam, Anderson, implicit backward (the defaults)",
+    "fast": "the seed architecture on one GPU in a 270 s budget",
+    "large": "one wider DEQ cell at 16x16 on one GPU in a 400 s budget",
+    "cpu": "the large layout at 64/128 channels in 1.5 hours of a 2-core CPU",
+}
+
+
+def presets_epilog() -> str:
+    """--help's list of the presets: what each is for and the options it sets."""
+
+    def flag(key: str, value: object) -> str:
+        name = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            return name if value else "--no-" + name[2:]
+        return f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+
+    lines = ["presets (explicit options override what they set):"]
+    for name, values in PRESETS.items():
+        lines.append(f"  {name}: {PRESET_PURPOSE[name]}")
+        line = "     "
+        for unit in (flag(k, v) for k, v in values.items()):  # a flag and its value stay on one line
+            if len(line) + 1 + len(unit) > 96:
+                lines.append(line)
+                line = "     "
+            line += " " + unit
+        if values:
+            lines.append(line)
+    return "\n".join(lines)
+
+
 def _choices(option: str) -> list[str] | None:
-    """The values an option takes, where they are few; solvers as registered when asked."""
-    return {"solver": sorted(SOLVERS), "backward": list(BACKWARD_MODES)}.get(option)
+    """The values an option takes, where they are few; solvers and architectures as registered
+    when asked."""
+    choices = {"solver": sorted(SOLVERS), "backward_solver": ["", *sorted(SOLVERS)],
+               "backward": list(BACKWARD_MODES), "arch": sorted(ARCHITECTURES)}  # fmt: skip
+    return choices.get(option)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+        description=__doc__, epilog=presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )  # fmt: skip
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="a named recipe; explicit options override its settings")  # fmt: skip
+                        help="a named recipe (listed below); explicit options override it")  # fmt: skip
     defaults = {**MODEL_OPTIONS, **{f.name: f.default for f in fields(TrainConfig) if f.name != "model"}}
     for name, default in defaults.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default: {default})")  # fmt: skip
+                                help=f"{OPTION_HELP[name]} (default: {default})")  # fmt: skip
         elif isinstance(default, tuple):
             parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE",
                                 help=OPTION_HELP[name])  # fmt: skip
         else:
-            help_text = OPTION_HELP.get(name, f"(default: {default!r})")
-            parser.add_argument(flag, type=type(default), default=None, metavar=name.upper(),
-                                choices=_choices(name), help=help_text)  # fmt: skip
+            choices = _choices(name)
+            among = f"; one of {', '.join(repr(c) for c in choices)}" if choices else ""
+            parser.add_argument(flag, type=type(default), default=None, metavar=name.upper(), choices=choices,
+                                help=f"{OPTION_HELP[name]} (default: {default!r}{among})")  # fmt: skip
     if argv is None:
         argv = sys.argv[1:]
     for old in ("--m", "--lam"):  # the Anderson flags of earlier versions

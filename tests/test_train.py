@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -353,3 +354,20 @@ def test_bad_budget_options_are_errors(data_dir, tmp_path):
         run(data_dir, tmp_path / "o", "--val-images", "100")
     with pytest.raises(ValueError, match="too short for one training step"):
         run(data_dir, tmp_path / "o", "--time-budget-s", "1e-9")
+
+
+def test_help_gives_every_option_a_line_its_default_and_choices_and_lists_the_presets(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    options = {**train.MODEL_OPTIONS, **{f.name: f.default for f in dataclasses.fields(train.TrainConfig)}}
+    del options["model"]
+    assert set(train.OPTION_HELP) == set(options)  # one description per option, none stale
+    flat = " ".join(text.split())  # argparse wraps lines
+    for name, default in options.items():
+        if not isinstance(default, tuple):
+            assert f"(default: {default!r}" in flat or f"(default: {default})" in flat, name
+    assert "one of 'large', 'seed'" in flat and "one of 'anderson', 'broyden', 'forward'" in flat
+    for preset in train.PRESETS:
+        assert f"  {preset}: {train.PRESET_PURPOSE[preset]}" in text
+    assert "--arch large --n-channels 128" in text and "--channels-last" in text
