@@ -1,7 +1,8 @@
 """Train the DEQ CIFAR-10 classifier and write a checkpoint (safetensors + JSON card + log).
 
     python train.py --preset seed --data data --out runs/seed          # the reference 50-epoch recipe
-    python train.py --preset fast --data data --out runs/fast          # fastest to >= 81.6% on a GPU
+    python train.py --preset fast --data data --out runs/fast          # the seed model, 270 s of one GPU
+    python train.py --preset large --data data --out runs/large        # one wide DEQ cell, 400 s of one GPU
     python train.py --preset cpu --data data --out runs/cpu            # 1.5 hours of a 2-core CPU
     torchrun --nproc_per_node=2 train.py --preset seed ...             # multi-GPU (DDP)
 

@@ -201,6 +201,11 @@ def resolve_checkpoint(source: str | Path) -> Path:
         )
     if not _REPO_ID.match(str(source)):
         raise FileNotFoundError(f"no checkpoint directory at {path} (and it is not a Hub repo id owner/name)")
+    if path.parent.is_dir():  # "checkpoints/mine" beside a checkpoints/ folder is a path, not owner/name
+        raise FileNotFoundError(
+            f"no checkpoint directory at {path} ({path.parent}/ exists here, so this names a local "
+            "directory, not a Hub repo owner/name)"
+        )
     from huggingface_hub import snapshot_download
 
     try:

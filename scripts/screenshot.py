@@ -5,7 +5,8 @@
 
 Needs Debian's chromium (/usr/bin/chromium) and the playwright package (never `playwright
 install`). Serves app.py's page on 127.0.0.1 (a free port), picks an example image, waits for the
-race's final frame and saves the page at 1280x900 (desktop) and 390x844 (phone).
+race's final frame and saves the screen at 1280x900 (desktop) and 390x844 (phone, where the page
+has scrolled to the chart).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def shoot(url: str, out: Path, example: str, dark: bool) -> list[Path]:
                 )
                 page.get_by_text("Same prediction").wait_for(timeout=60_000)  # the final frame
                 path = out / f"app-{name}{'-dark' if dark else ''}.png"
-                page.screenshot(path=str(path), full_page=name == "phone")
+                page.screenshot(path=str(path))  # what the screen shows: on a phone, scrolled to the chart
                 saved.append(path)
                 page.close()
         finally:

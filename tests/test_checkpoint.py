@@ -52,10 +52,14 @@ def test_cell_initialisation_follows_spec():
         assert conv.bias is None and abs(conv.weight.std().item() - 0.01) < 1e-3
 
 
-def test_missing_or_mismatched_weights_are_clear_errors(saved, tmp_path):
+def test_missing_or_mismatched_weights_are_clear_errors(saved, tmp_path, monkeypatch):
     _, path = saved
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         load_model(tmp_path / "nowhere")
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)  # "checkpoints/mine" looks like a Hub id owner/name: it is a path here
+    with pytest.raises(FileNotFoundError, match="names a local directory, not a Hub repo"):
+        load_model("checkpoints/mine")
     (path / WEIGHTS_NAME).write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_model(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def test_space_front_matter_matches_the_pinned_gradio():
     text = readme.read_text().split("---")[1]
     meta = yaml.safe_load(text)
     pinned = next(line.split("==")[1].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
-                  if line.startswith("gradio=="))  # fmt: skip
+                  if re.match(r"gradio(\[[a-z,]+\])?==", line))  # fmt: skip
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == pinned and meta["app_file"] == "app.py"
     assert len(meta["short_description"]) <= 60 and isinstance(meta["python_version"], str)
 

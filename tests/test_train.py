@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
         (["--solver-option", "depth=3"], "unknown option(s) ['depth'] for solver 'anderson'"),
         (["--solver-option", "m"], "--solver-option takes KEY=VALUE"),
         (["--solver", "newton"], "invalid choice: 'newton'"),
-        (["--backward-solver", "newton"], "solver must be one of"),
+        (["--backward-solver", "newton"], "invalid choice: 'newton'"),
         (["--preset", "turbo"], "invalid choice"),
         (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
         (["--limit-train", "-5"], "--limit-train must be >= 0"),
