@@ -31,7 +31,7 @@ from starlette.middleware import Middleware
 
 from deq.card import card_markdown
 from deq.demo.catalogue import Catalogue, load_catalogue
-from deq.demo.figures import training_figures
+from deq.demo.figures import budget_figure, training_figures
 from deq.demo.images import MAX_FILE_BYTES, prepare_image, to_preview
 from deq.demo.inference import SolveSettings
 from deq.demo.limits import RequestBodyLimit
@@ -160,13 +160,15 @@ def solve_request(catalogue: Catalogue, payload: dict | None, model_label: str, 
 
 
 def describe_model(catalogue: Catalogue, label: str) -> tuple:
-    """(model card, training-log note, accuracy, residual and step charts) of one model."""
+    """(model card, training-log note, accuracy, residual and step charts, accuracy-by-budget
+    chart or None) of one model."""
     try:
         entry = catalogue.get(label)
     except ValueError as err:
         raise _user_error(err) from None
     note = train_log_note(label, len(entry.train_log), entry.log_problem)
-    return card_markdown(entry.model, label), note, *training_figures(entry.train_log)
+    curve = budget_figure(entry.model.card.get("budget_curve"))
+    return card_markdown(entry.model, label), note, *training_figures(entry.train_log), curve
 
 
 def build_demo(catalogue: Catalogue) -> gr.Blocks:
@@ -195,7 +197,8 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
         )
 
     def model_info(label: str):
-        """Model card, training-log note and the three training charts of one served model.
+        """Model card, training-log note, the three training charts and the accuracy-by-budget chart
+        of one served model.
 
         Args:
             label: which served checkpoint to describe (one of the dropdown's choices).
@@ -204,7 +207,7 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
 
     if spaces is not None:  # ZeroGPU: the GPU is attached only inside spaces.GPU functions
         solve = spaces.GPU(solve)
-    card, note, accuracy, residuals, steps = describe_model(catalogue, catalogue.default)
+    card, note, accuracy, residuals, steps, budget = describe_model(catalogue, catalogue.default)
     with gr.Blocks(title="Deep Equilibrium Model: live solver demo") as demo:
         gr.Markdown(INTRO, latex_delimiters=LATEX)
         with gr.Tab("Classify and solve"):
@@ -268,6 +271,11 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
             accuracy_plot = gr.Plot(accuracy, label="Accuracy per epoch")
             residual_plot = gr.Plot(residuals, label="Final relative residual of the solves per epoch")
             steps_plot = gr.Plot(steps, label="Solver steps per epoch")
+            budget_plot = gr.Plot(
+                budget,
+                label="How deep the network needs to be: test accuracy by solver budget, Anderson vs "
+                "forward iteration (from the card; empty if it has none)",
+            )
 
         gr.on(
             triggers=[image.change, run.click, beta.release, tol.release, m.release, lam.release,
@@ -284,7 +292,7 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
         model_choice.change(
             model_info,
             inputs=model_choice,
-            outputs=[card_md, note_md, accuracy_plot, residual_plot, steps_plot],
+            outputs=[card_md, note_md, accuracy_plot, residual_plot, steps_plot, budget_plot],
             api_name="model_info",
         )
     return demo.queue(max_size=QUEUE_SIZE)

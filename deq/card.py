@@ -95,16 +95,29 @@ def _evaluation_line(e: dict) -> list[str]:
         return []  # a card from elsewhere with other fields: show nothing rather than fail
 
 
-def _curve_table(curve) -> list[str]:
-    """``deq.evaluate --curve --record``'s accuracy-by-budget as a Markdown table ([] if absent)."""
+def budget_curve(curve) -> tuple[list[int], dict[str, list[float]]] | None:
+    """A card's ``budget_curve`` (``deq.evaluate --curve --record``) as (budgets, {solver name:
+    accuracy per budget}); None if absent or not of that form."""
     if not isinstance(curve, dict):
-        return []
+        return None
     try:
         budgets = [int(k) for k in curve["budgets"]]
-        rows = [(solver.label, [float(a) for a in curve[name]]) for name, solver in SOLVERS.items()
-                if name in curve]  # fmt: skip
-        if not rows or any(len(accs) != len(budgets) for _, accs in rows):
-            return []
+        rows = {name: [float(a) for a in curve[name]] for name in SOLVERS if name in curve}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not rows or any(len(accs) != len(budgets) for accs in rows.values()):
+        return None
+    return budgets, rows
+
+
+def _curve_table(curve) -> list[str]:
+    """``deq.evaluate --curve --record``'s accuracy-by-budget as a Markdown table ([] if absent)."""
+    parsed = budget_curve(curve)
+    if parsed is None:
+        return []
+    budgets, accuracies = parsed
+    rows = [(SOLVERS[name].label, accs) for name, accs in accuracies.items()]
+    try:
         where = f" on {curve['device']}" if curve.get("device") else ""
         head = (f"\n**Accuracy by solver budget** ({curve['images']:,} {curve.get('split', 'test')} images, "
                 f"solves stopped after k f-evaluations or at tol {curve['tol']:g}{where}):\n")  # fmt: skip

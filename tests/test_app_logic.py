@@ -32,7 +32,7 @@ from deq.demo.catalogue import (
     model_sources,
     train_log,
 )
-from deq.demo.figures import residual_figure, training_figures
+from deq.demo.figures import budget_figure, residual_figure, training_figures
 from deq.demo.images import MAX_PIXELS, load_image, prepare_image
 from deq.demo.inference import SolverResult, SolveSettings, classify, top_classes, trustworthy
 from deq.demo.stream import REPLAY_S, stream_solve, warm_up
@@ -621,8 +621,9 @@ def test_app_wiring(app_module, app_catalogue, app_demo):
     assert sum(1 for _, event in solve.targets if event == "release") == 5
     assert demo._queue.max_size == app_module.QUEUE_SIZE
     assert "model_info" in fns
-    card, note, *figures = app_module.describe_model(app_catalogue, app_catalogue.default)
+    card, note, *figures, budget = app_module.describe_model(app_catalogue, app_catalogue.default)
     assert "78.3%" in card and "3 epochs" in note and len(figures) == 3
+    assert budget is None  # the tiny checkpoint's card has no accuracy-by-budget curve
 
 
 def test_app_solve_generator(app_module, app_catalogue):
@@ -801,3 +802,14 @@ def test_a_tolerance_below_float32s_reach_is_solved_in_float64():
     assert anderson.dtype == "float64" and anderson.converged and anderson.residual < 1e-8
     assert "solved in float64" in final.status
     assert final.report["solvers"][0]["dtype"] == "float64"
+
+
+def test_the_model_tab_draws_the_cards_accuracy_by_solver_budget():
+    curve = {"split": "test", "images": 1000, "budgets": [1, 2, 4, 8], "tol": 1e-4,
+             "anderson": [0.1, 0.3, 0.7, 0.8], "forward": [0.1, 0.3, 0.6, 0.8]}  # fmt: skip
+    fig = figure_json(budget_figure(curve))
+    assert [t["name"] for t in fig["data"]] == ["Anderson", "forward iteration"]
+    assert fig["data"][0]["x"] == [1, 2, 4, 8] and fig["data"][1]["y"] == pytest.approx([10, 30, 60, 80])
+    assert fig["layout"]["xaxis"]["type"] == "log"
+    for broken in (None, {}, {**curve, "anderson": [0.1]}, {**curve, "budgets": "x"}):
+        assert budget_figure(broken) is None

@@ -12,13 +12,14 @@ from operator import attrgetter
 
 import plotly.graph_objects as go
 
+from ..card import budget_curve
 from ..checkpoint import EpochRecord
 from ..data import CIFAR10_CLASSES
 from .inference import RACE, SolverResult, SolveSettings, Step, solver_label
 
 __all__ = [
     "X_AXES", "solver_color", "residual_figure", "set_title", "update_traces", "answer_figure",
-    "update_answers", "mark_divergence", "training_figures",
+    "update_answers", "mark_divergence", "training_figures", "budget_figure",
 ]  # fmt: skip
 
 #: Colours of the race's solvers, in race order (Anderson red, forward iteration blue).
@@ -175,6 +176,30 @@ def mark_divergence(
         x=x, y=math.log10(v), text=f"{result.label} diverged", showarrow=True, ax=-50, ay=35,
         arrowcolor=color, font={"color": color},
     )  # fmt: skip
+
+
+def budget_figure(curve) -> go.Figure | None:
+    """A card's accuracy by solver budget (``deq.evaluate --curve``): accuracy (%) against the
+    f-evaluations a solve may spend, one line per solver; None when the card has no curve."""
+    parsed = budget_curve(curve)
+    if parsed is None:
+        return None
+    budgets, accuracies = parsed
+    traces = [
+        {"type": "scatter", "x": budgets, "y": [100.0 * a for a in accs], "name": solver_label(name),
+         "mode": "lines+markers", "line": {"color": solver_color(name)}}
+        for name, accs in accuracies.items()
+    ]  # fmt: skip
+    layout = {
+        **_LAYOUT,
+        "height": 340,
+        "margin": {"l": 70, "r": 20, "t": 50, "b": 50},
+        "xaxis": {**_AXIS, "type": "log", "title": {"text": "f-evaluations the solve may spend (k)",
+                  "font": {"color": _INK}}, "tickvals": budgets},
+        "yaxis": {**_AXIS, "title": {"text": "test accuracy (%)", "font": {"color": _INK}}},
+        "legend": _LEGEND,
+    }  # fmt: skip
+    return go.Figure(data=traces, layout=layout)
 
 
 # ----------------------------------------------------------------------------- training charts
