@@ -31,7 +31,7 @@ from starlette.middleware import Middleware
 
 from deq.card import card_markdown
 from deq.demo.catalogue import Catalogue, load_catalogue
-from deq.demo.figures import budget_figure, training_figures
+from deq.demo.figures import answer_figure, budget_figure, residual_figure, set_title, training_figures
 from deq.demo.images import MAX_FILE_BYTES, prepare_image, to_preview
 from deq.demo.inference import SolveSettings
 from deq.demo.limits import RequestBodyLimit
@@ -48,8 +48,10 @@ CONCURRENCY = 2
 # Small inputs (CIFAR-10 is 32x32) shown enlarged with sharp pixels.
 CSS = """
 #image-input img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
-#results-table table { display: block; overflow-x: auto; max-width: 100%; }
-#results-table th, #results-table td { white-space: nowrap; word-break: normal; overflow-wrap: normal; }
+#results-table table, #model-card table { display: block; overflow-x: auto; max-width: 100%; }
+#results-table th, #results-table td, #model-card th, #model-card td {
+    white-space: nowrap; word-break: normal; overflow-wrap: normal;
+}
 """
 #: On a narrow screen the charts are below the inputs: bring them into view when a solve starts.
 SCROLL_TO_CHART_JS = """(...args) => {
@@ -80,22 +82,24 @@ and draws each solver's relative residual $\lVert f(z) - z \rVert / \lVert f(z) 
 """
 
 EXPLAIN = r"""
-**Reading the charts.** Each point is one evaluation of the cell $f$. The solves take milliseconds;
-the race is replayed over 1.5 s so that it can be watched, both solvers advancing one f-evaluation
-at a time. Switch the x axis to *milliseconds* for what each solver's iterations cost (the traced
-run); the table's wall times are medians of repeated solves without tracing. Forward iteration
-converges linearly (a straight line on the log axis) at a rate set by how contractive $f$ is;
-Anderson acceleration combines the last $m$ iterates to extrapolate. On the default `large` model
-it needs 1.1-1.6x fewer evaluations than forward iteration on the example images (1.2-1.7x on the
-`cpu` model). On the `seed` model, whose cell is barely contractive, forward iteration stops at
-`max_iter` 100 on every example while Anderson converges in 17-34 evaluations.
-The dashed line is the tolerance: a solver stops below it, or after `max_iter` evaluations.
-$\beta > 1$ over-projects (often faster, can diverge), $\beta < 1$ damps.
+**Reading the charts.** Each point is one evaluation of the cell $f$. The solves take
+milliseconds; the race is replayed over 1.5 s so that it can be watched, both solvers advancing
+one f-evaluation at a time. Switch the x axis to *milliseconds* for what each solver's iterations
+cost (its traced clock, scaled to end at its median untraced solve); the table's wall times are
+those medians. Forward iteration converges linearly (a straight line on the log axis) at a rate
+set by how contractive $f$ is; Anderson acceleration combines the last $m$ iterates to
+extrapolate. On the default `large` model it needs 1.1-1.6x fewer evaluations than forward
+iteration on the example images (1.2-1.7x on the `cpu` model). On the `seed` model, whose cell is
+barely contractive, forward iteration stops at `max_iter` 100 on every example while Anderson
+converges in 17-34 evaluations. The dashed line is the tolerance: a solver stops below it, or
+after `max_iter` evaluations. $\beta > 1$ over-projects (often faster, can diverge), $\beta < 1$
+damps.
 
 **The answer along the solve.** The lower chart applies the classifier's head to every $f(z_k)$:
 the answer the network would give at that depth, the probability of its top class, and the class
 named wherever it changes. The legend says from which f-evaluation each solver's answer was final.
-Once both have converged they agree: the classifier only looks at $z^\star$, not at the path to it.
+Once both have converged they agree: the classifier only looks at $z^\star$, not at the path to
+it.
 """
 
 #: $...$ inline and $$...$$ displayed, for the two texts above.
@@ -144,19 +148,32 @@ def solve_request(catalogue: Catalogue, payload: dict | None, model_label: str, 
         raise _user_error(err) from None
     about, preview = input_summary(prepared), to_preview(prepared.tensor)
     frames = stream_solve(model, prepared, settings, x_axis=X_AXIS_CHOICES[x_axis], replay_s=replay_s)
-    for i, frame in enumerate(frames):
-        if frame.final:
-            for warning in frame.warnings:
-                gr.Warning(warning)
-        yield (
-            frame.figure,
-            frame.answers,
-            frame.label,
-            frame.table,
-            f"{frame.status}  \n{about}",
-            preview if i == 0 else gr.skip(),
-            frame.report if frame.final else gr.skip(),
-        )
+    try:
+        for i, frame in enumerate(frames):
+            if frame.final:
+                for warning in frame.warnings:
+                    gr.Warning(warning)
+            yield (
+                frame.figure,
+                frame.answers,
+                frame.label,
+                frame.table,
+                f"{frame.status}  \n{about}",
+                preview if i == 0 else gr.skip(),
+                frame.report if frame.final else gr.skip(),
+            )
+    except ValueError as err:
+        raise _user_error(err) from None
+    except Exception as err:  # not the user's doing: say what failed rather than a bare "Error"
+        message = f"The solve failed ({type(err).__name__}: {err}); other requests are unaffected."
+        raise gr.Error(message) from err
+
+
+def empty_race_figure():
+    """The residual chart before the first race (the app's default settings)."""
+    fig = residual_figure(SolveSettings())
+    set_title(fig, "Pick an image: the race is drawn here")
+    return fig
 
 
 def describe_model(catalogue: Catalogue, label: str) -> tuple:
@@ -185,11 +202,11 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
         Args:
             image: the image to classify (any common format; centre-cropped and resized to 32x32).
             model_label: which served checkpoint classifies it (one of the dropdown's choices).
-            beta: Anderson's mixing parameter (0.1-3): below 1 damps, above 1 over-projects.
-            log10_tol: the tolerance on the relative residual, as a power of ten (-4 means 1e-4).
-            m: Anderson's memory, the number of past iterates it combines (1-10).
-            log10_lam: Anderson's Tikhonov regulariser, as a power of ten.
-            max_iter: the most f-evaluations each solver may spend (10-500).
+            beta: Anderson's mixing, 0.01-10 (page: 0.1-3); below 1 damps, above 1 over-projects.
+            log10_tol: tol as a power of ten, -4 = 1e-4; tol 1e-12 to 0.5 (page: -8 to -1); float64 < 1e-6.
+            m: Anderson's memory, the past iterates it combines: 1-20 (page: 1-10).
+            log10_lam: Anderson's Tikhonov regulariser as a power of ten; lam at most 10 (page: -8 to 0).
+            max_iter: the most f-evaluations each solver may spend: 1-1000 (page: 10-500).
             x_axis: "f-evaluations" or "milliseconds": the charts' x axis.
         """
         yield from solve_request(
@@ -248,12 +265,13 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
                     run = gr.Button("Solve", variant="primary")
                 with gr.Column(scale=3):
                     # The verdict is the chart's title: no component label above it.
-                    plot = gr.Plot(label="Relative residual per f-evaluation", show_label=False,
-                                   elem_id="residual-plot")  # fmt: skip
+                    # An empty chart from the start: plotly.js is loaded before the first race.
+                    plot = gr.Plot(empty_race_figure(), label="Relative residual per f-evaluation",
+                                   show_label=False, elem_id="residual-plot")  # fmt: skip
                     x_axis = gr.Radio(list(X_AXIS_CHOICES), value="f-evaluations", label="x axis",
                                       info="milliseconds: what each solver's iterations cost")  # fmt: skip
-                    answers = gr.Plot(label="The answer along the solve: top-1 class and its probability",
-                                      show_label=False, elem_id="answer-plot")  # fmt: skip
+                    answers = gr.Plot(answer_figure(), label="The answer along the solve: top-1 class and "
+                                      "its probability", show_label=False, elem_id="answer-plot")  # fmt: skip
                     with gr.Row():
                         label = gr.Label(
                             num_top_classes=5, label="Prediction (top 5)", scale=3, elem_id="prediction"
@@ -265,21 +283,18 @@ def build_demo(catalogue: Catalogue) -> gr.Blocks:
                     with gr.Accordion("The result as JSON (what the API returns last)", open=False):
                         report = gr.JSON(label="Result (JSON)")
             gr.Markdown(EXPLAIN, latex_delimiters=LATEX)
-            card_md = gr.Markdown(card)
-        with gr.Tab("How it was trained"):
+        with gr.Tab("The model"):
+            # Each chart carries its title inside the figure: a component label would cover its legend.
+            card_md = gr.Markdown(card, elem_id="model-card")
+            budget_plot = gr.Plot(budget, label="Accuracy by solver budget", show_label=False)
             note_md = gr.Markdown(note)
-            accuracy_plot = gr.Plot(accuracy, label="Accuracy per epoch")
-            residual_plot = gr.Plot(residuals, label="Final relative residual of the solves per epoch")
-            steps_plot = gr.Plot(steps, label="Solver steps per epoch")
-            budget_plot = gr.Plot(
-                budget,
-                label="How deep the network needs to be: test accuracy by solver budget, Anderson vs "
-                "forward iteration (from the card; empty if it has none)",
-            )
+            accuracy_plot = gr.Plot(accuracy, label="Accuracy per epoch", show_label=False)
+            residual_plot = gr.Plot(residuals, label="Final relative residual per epoch", show_label=False)
+            steps_plot = gr.Plot(steps, label="Solver steps per epoch", show_label=False)
 
         gr.on(
             triggers=[image.change, run.click, beta.release, tol.release, m.release, lam.release,
-                      max_iter.release, model_choice.input, x_axis.input],
+                      max_iter.release, model_choice.select, x_axis.input],
             fn=solve,
             inputs=[image, model_choice, beta, tol, m, lam, max_iter, x_axis],
             outputs=[plot, answers, label, table, status, preview, report],

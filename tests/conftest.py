@@ -24,8 +24,12 @@ TRAIN_LOG = [
      "train_images_per_s": 800.0, "elapsed_s": 60.0 * e}
     for e in (1, 2, 3)
 ]  # fmt: skip
+BUDGETS = [1, 2, 3, 4, 6, 8, 12, 16, 25, 50]
 CARD = {"dataset": "CIFAR-10 (test fixture)", "test_images": 10000, "device": "test CPU", "epochs": 3,
-        "test_accuracy": 0.783, "train_wall_time_s": 180.0, "finished": True}  # fmt: skip
+        "test_accuracy": 0.783, "train_wall_time_s": 180.0, "finished": True,
+        "budget_curve": {"split": "test", "images": 1000, "budgets": BUDGETS, "tol": 1e-4,
+                         "anderson": [min(0.783, 0.1 * k) for k in BUDGETS],
+                         "forward": [min(0.783, 0.08 * k) for k in BUDGETS]}}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-#: The number of line boxes of each results-table cell: a word broken across lines gives 2+.
-CELL_LINES_JS = """() => Array.from(document.querySelectorAll('#results-table th, #results-table td'))
+#: The number of line boxes of each table cell under an element: a word broken across lines gives 2+.
+CELL_LINES_JS = """(root) => Array.from(document.querySelectorAll(root + ' th, ' + root + ' td'))
     .filter(cell => cell.textContent.trim())
     .map(cell => {
         const range = document.createRange();
@@ -69,7 +69,8 @@ def test_upload_streams_two_curves_and_a_label(browser, app_url, tmp_path):
     title = page.locator("#residual-plot .gtitle").text_content()
     assert title.startswith("Anderson:") and "forward iteration:" in title  # the verdict, above the fold
     assert page.locator("#answer-plot .scatterlayer .trace").count() == 2
-    assert page.evaluate(CELL_LINES_JS) and all(n == 1 for n in page.evaluate(CELL_LINES_JS))
+    lines = page.evaluate(CELL_LINES_JS, "#results-table")
+    assert lines and all(n == 1 for n in lines)
     shot = tmp_path / "app.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
@@ -84,9 +85,14 @@ def test_on_a_phone_the_chart_comes_into_view_and_no_table_cell_breaks_a_word(br
     solve_example(page, app_url, "ship.jpg")
     top = page.evaluate("document.getElementById('residual-plot').getBoundingClientRect().top")
     assert 0 <= top < 844 / 2  # scrolled to the chart when the solve started
-    lines = page.evaluate(CELL_LINES_JS)
+    lines = page.evaluate(CELL_LINES_JS, "#results-table")
     assert len(lines) >= 16 and all(n == 1 for n in lines)  # header and two rows, one line each
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # only the table scrolls sideways
+    page.get_by_role("tab", name="The model").click()
+    page.locator("#model-card table").first.wait_for(timeout=30_000)
+    lines = page.evaluate(CELL_LINES_JS, "#model-card")
+    assert lines and all(n == 1 for n in lines)  # the card's tables too
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.close()
 
 

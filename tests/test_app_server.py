@@ -120,9 +120,10 @@ def test_oversized_request_bodies_are_refused_without_reading_them(client, app_u
 
 
 def test_model_info_endpoint(client):
-    card, note, accuracy, residuals, steps = client.predict(api_name="/model_info")
+    card, note, accuracy, residuals, steps, budget = client.predict(api_name="/model_info")
     assert "78.3%" in card and "3 epochs" in note
     assert len(json.loads(accuracy["plot"])["data"]) == 2
+    assert [t["name"] for t in json.loads(budget["plot"])["data"]] == ["Anderson", "forward iteration"]
 
 
 def test_python_app_py_serves_where_gradio_env_says(tiny_checkpoint, tmp_path):

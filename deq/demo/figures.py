@@ -55,8 +55,9 @@ def _finite_or_none(values: list[float]) -> list[float | None]:
     return [v if math.isfinite(v) and v > 0 else None for v in values]
 
 
-#: The x axis of a request's charts: f-evaluations, or milliseconds of the traced solve.
-X_AXES = {"evals": "f-evaluation", "ms": "milliseconds into the solve (traced run)"}
+#: The x axis of a request's charts: f-evaluations, or milliseconds into the solve (the traced
+#: run's clock, scaled to the median untraced solve: ``deq.demo.stream``).
+X_AXES = {"evals": "f-evaluation", "ms": "milliseconds into the solve (scaled to the median untraced solve)"}
 
 
 def _x_axis(x_axis: str) -> dict:
@@ -108,15 +109,12 @@ def set_title(fig: go.Figure, text: str) -> None:
     fig.layout.title.text = text
 
 
-def _xs(steps: list[Step], x_axis: str) -> list[float]:
-    return [round(s.ms, 3) for s in steps] if x_axis == "ms" else [s.iteration for s in steps]
-
-
-def update_traces(fig: go.Figure, traces: list[list[Step]], x_axis: str = "evals") -> None:
-    """Show each solver's f-evaluations so far (in race order) on ``residual_figure``'s chart."""
+def update_traces(fig: go.Figure, traces: list[list[Step]], xs: list[list[float]]) -> None:
+    """Show each solver's f-evaluations so far (in race order, at x positions ``xs``) on
+    ``residual_figure``'s chart."""
     with fig.batch_update():
-        for line, steps in zip(fig.data, traces, strict=True):
-            line.x = _xs(steps, x_axis)
+        for line, steps, x in zip(fig.data, traces, xs, strict=True):
+            line.x = x
             line.y = _finite_or_none([s.residual for s in steps])
 
 
@@ -133,8 +131,7 @@ def answer_figure(race: tuple[str, ...] = RACE, x_axis: str = "evals") -> go.Fig
     layout = {
         **_LAYOUT,
         "height": 320,
-        "title": {"text": "The answer along the solve", "x": 0.01, "xanchor": "left", "yref": "container",
-                  "y": 0.97, "yanchor": "top", "font": {"size": 14}},
+        "title": _title("The answer along the solve"),
         "margin": {"l": 70, "r": 20, "t": 90, "b": 50},
         "xaxis": _x_axis(x_axis),
         "yaxis": {**_AXIS, "title": {"text": "top-1 probability", "font": {"color": _INK}}, "range": [0, 1.1],
@@ -145,14 +142,14 @@ def answer_figure(race: tuple[str, ...] = RACE, x_axis: str = "evals") -> go.Fig
 
 
 def update_answers(
-    fig: go.Figure, traces: list[list[Step]], x_axis: str = "evals", settled: list[int | None] | None = None
+    fig: go.Figure, traces: list[list[Step]], xs: list[list[float]], settled: list[int | None] | None = None
 ) -> None:
     """Show each solver's answers so far on ``answer_figure``'s chart; ``settled`` (per solver,
     once known): the f-evaluation from which its answer was final, named in the legend."""
     with fig.batch_update():
-        for i, (line, steps) in enumerate(zip(fig.data, traces, strict=True)):
+        for i, (line, steps, x) in enumerate(zip(fig.data, traces, xs, strict=True)):
             names = [CIFAR10_CLASSES[s.answer] if s.answer >= 0 else "–" for s in steps]
-            line.x = _xs(steps, x_axis)
+            line.x = x
             line.y = [s.probability if math.isfinite(s.probability) else None for s in steps]
             line.text = [n if j == 0 or n != names[j - 1] else "" for j, n in enumerate(names)]
             line.hovertext = names
@@ -162,15 +159,15 @@ def update_answers(
 
 
 def mark_divergence(
-    fig: go.Figure, result: SolverResult, race: tuple[str, ...] = RACE, x_axis: str = "evals"
+    fig: go.Figure, result: SolverResult, xs: list[float], race: tuple[str, ...] = RACE
 ) -> None:
-    """An arrow at the last finite residual of a solve that diverged (pointing from below-left:
-    the legend sits top right)."""
-    points = [(i, v) for i, v in enumerate(result.trace) if math.isfinite(v) and v > 0]
+    """An arrow at the last finite residual of a solve that diverged (``xs``: the x position of
+    each of its f-evaluations on the chart)."""
+    points = [(i, v) for i, v in enumerate(result.trace) if math.isfinite(v) and v > 0 and i < len(xs)]
     if not points:
         return
     i, v = points[-1]
-    x = result.times_ms[i] if x_axis == "ms" and i < len(result.times_ms) else i
+    x = xs[i]
     color = solver_color(result.solver, race)
     fig.add_annotation(
         x=x, y=math.log10(v), text=f"{result.label} diverged", showarrow=True, ax=-50, ay=35,
@@ -192,8 +189,9 @@ def budget_figure(curve) -> go.Figure | None:
     ]  # fmt: skip
     layout = {
         **_LAYOUT,
-        "height": 340,
-        "margin": {"l": 70, "r": 20, "t": 50, "b": 50},
+        "height": 380,
+        "title": _title("How deep the network needs to be: accuracy by solver budget"),
+        "margin": {"l": 70, "r": 20, "t": 100, "b": 50},
         "xaxis": {**_AXIS, "type": "log", "title": {"text": "f-evaluations the solve may spend (k)",
                   "font": {"color": _INK}}, "tickvals": budgets},
         "yaxis": {**_AXIS, "title": {"text": "test accuracy (%)", "font": {"color": _INK}}},
@@ -217,10 +215,17 @@ def _series(
     return xs, ys
 
 
+def _title(text: str) -> dict:
+    """A chart's title at its top left, above the legend (the page shows no component label)."""
+    return {"text": text, "x": 0.01, "xanchor": "left", "yref": "container", "y": 0.97, "yanchor": "top",
+            "font": {"size": 14}}  # fmt: skip
+
+
 def _curves(
     records: list[EpochRecord],
     curves: list[tuple[str, str, Callable[[EpochRecord], float | None]]],
     y_title: str,
+    title: str,
     log_y: bool = False,
 ) -> go.Figure:
     """One chart: a line per (legend name, colour, value of a record)."""
@@ -233,8 +238,9 @@ def _curves(
     y_scale = {"type": "log", "exponentformat": "power"} if log_y else {}
     layout = {
         **_LAYOUT,
-        "height": 340,
-        "margin": {"l": 70, "r": 20, "t": 50, "b": 50},
+        "height": 360,
+        "title": _title(title),
+        "margin": {"l": 70, "r": 20, "t": 100, "b": 50},
         "xaxis": {
             **_AXIS,
             "title": {"text": "epoch", "font": {"color": _INK}},
@@ -262,6 +268,7 @@ def training_figures(records: list[EpochRecord]) -> tuple[go.Figure, go.Figure, 
             ("train accuracy", _TRAIN, lambda r: 100.0 * (1.0 - r.train_error)),
         ],
         "accuracy (%)",
+        "Accuracy per epoch",
     )
     solves = [("forward solve (train)", _TRAIN, "forward"), ("backward solve (train)", _BACKWARD, "backward"),
               (f"forward solve ({held_out})", eval_color, "eval_forward")]  # fmt: skip
@@ -269,11 +276,13 @@ def training_figures(records: list[EpochRecord]) -> tuple[go.Figure, go.Figure, 
         records,
         [(name, color, attrgetter(f"{solve}_residual")) for name, color, solve in solves],
         "mean final relative residual",
+        "Final relative residual of the solves per epoch",
         log_y=True,
     )
     steps = _curves(
         records,
         [(name, color, attrgetter(f"{solve}_iters")) for name, color, solve in solves],
         "mean solver steps (f-evaluations)",
+        "Solver steps per epoch",
     )
     return accuracy, residuals, steps

@@ -184,7 +184,9 @@ class SolverResult:
     def timing_note(self) -> str:
         """How ``timed_wall_s`` was measured, in words."""
         n = len(self.timing_s)
-        return f"median of {n} solves" if n >= 3 else "a single solve (noisy)"
+        if n >= 3:
+            return f"median of {n} untraced solves"
+        return "a single untraced solve (noisy)" if n else "the traced run (with its tracing: noisy)"
 
 
 def _device(model: torch.nn.Module) -> torch.device:

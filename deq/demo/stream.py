@@ -175,14 +175,21 @@ def stream_solve(
     last_yield, shown_before, dirty = -math.inf, 0, False
     try:
         while True:
-            animating = replay.started and replay.shown(progress) < progress.horizon
-            timeout = max(0.0, last_yield + interval - time.perf_counter()) if (animating or dirty) else 1.0
-            batch = _drain(events, timeout)
+            now = time.perf_counter()
+            if dirty:  # something new to show: as soon as the throttle allows
+                wake = last_yield + interval
+            elif replay.started and replay.shown(progress) < progress.horizon:  # the replay's next step
+                wake = max(last_yield + interval, replay.next_step(progress))
+            else:  # nothing to draw until the worker reports
+                wake = now + 1.0
+            batch = _drain(events, max(0.0, wake - now))
             if not batch and not thread.is_alive() and events.empty() and not progress.ended:
                 break  # cannot happen (the worker always sends "end"), but never hang
             for event in batch:
                 dirty |= progress.apply(event)
-            if progress.horizon and not replay.started:
+            # On the milliseconds axis the replay waits for the untraced timings that scale it.
+            timed = x_axis != "ms" or progress.timed or progress.ended
+            if progress.horizon and timed and not replay.started:
                 replay.start()
             shown = replay.shown(progress)
             if progress.ended and shown >= progress.horizon:
@@ -228,6 +235,7 @@ class _Progress:
     steps: dict[str, list[Step]]
     results: dict[str, SolverResult] = field(default_factory=dict)
     error: Exception | None = None
+    timed: bool = False  # the untraced timings are in
     ended: bool = False
 
     @property
@@ -247,6 +255,7 @@ class _Progress:
         if kind == "timing":
             for solver, walls in event[1].items():
                 self.results[solver].timing_s = walls
+            self.timed = True
             return True
         if kind == "error":
             self.error = event[1]
@@ -277,6 +286,12 @@ class _Replay:
         fraction = (time.perf_counter() - self.t0) / self.seconds
         return min(progress.horizon, max(1, math.ceil(fraction * progress.horizon)))
 
+    def next_step(self, progress: _Progress) -> float:
+        """When one more f-evaluation is due on screen (perf_counter seconds)."""
+        if self.t0 is None or self.seconds <= 0 or not progress.horizon:
+            return time.perf_counter()
+        return self.t0 + self.shown(progress) / progress.horizon * self.seconds + 1e-4
+
 
 @dataclass
 class _View:
@@ -288,6 +303,17 @@ class _View:
     settings: SolveSettings
     x_axis: str
 
+    def x_values(self, steps: list[Step], result: SolverResult | None) -> list[float]:
+        """f-evaluations 1, 2, ...; or milliseconds: the traced run's clock (which pays for the
+        tracing and shares the machine with the other solver) scaled so that its end is the
+        median untraced solve, keeping how the time was spread over the iterations."""
+        if self.x_axis != "ms":
+            return [s.iteration + 1 for s in steps]
+        scale = 1.0
+        if result is not None and result.timing_s and result.times_ms and result.times_ms[-1] > 0:
+            scale = result.timed_wall_s * 1e3 / result.times_ms[-1]
+        return [round(s.ms * scale, 3) for s in steps]
+
     def frame(self, progress: _Progress, shown: int, final: bool = False) -> Frame:
         steps = [progress.steps[s][:shown] for s in self.race]
         # A solver's result shows once its whole curve is drawn.
@@ -295,16 +321,19 @@ class _View:
             s: r for s in self.race
             if (r := progress.results.get(s)) is not None and shown >= len(progress.steps[s])
         }  # fmt: skip
-        update_traces(self.figure, steps, self.x_axis)
-        update_answers(self.answers, steps, self.x_axis, [_settled(results.get(s)) for s in self.race])
+        xs = [self.x_values(steps[i], progress.results.get(s)) for i, s in enumerate(self.race)]
+        update_traces(self.figure, steps, xs)
+        update_answers(self.answers, steps, xs, [_settled(results.get(s)) for s in self.race])
         if final:
-            for r in results.values():
-                if r.diverged or not all(math.isfinite(v) for v in r.trace):
-                    mark_divergence(self.figure, r, self.race, self.x_axis)
-        # one solver per line: a phone's width holds one
-        set_title(
-            self.figure, verdict(results, self.race, sep="<br>") or f"Racing… f-evaluation {max(shown, 1)}"
-        )
+            for i, s in enumerate(self.race):
+                r = results.get(s)
+                if r is not None and (r.diverged or not all(math.isfinite(v) for v in r.trace)):
+                    mark_divergence(self.figure, r, xs[i], self.race)
+        if not shown:
+            title = "Timing the solvers…" if self.x_axis == "ms" else "Racing…"
+        else:  # one solver per line: a phone's width holds one
+            title = verdict(results, self.race, sep="<br>") or f"Racing… f-evaluation {shown}"
+        set_title(self.figure, title)
         running = {
             s: (steps[i][-1].iteration, steps[i][-1].residual)
             for i, s in enumerate(self.race) if s not in results and steps[i]

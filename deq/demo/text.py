@@ -25,41 +25,42 @@ def _outcome(r: SolverResult) -> str:
 
 
 def results_table(results: dict[str, SolverResult], race: tuple[str, ...] = RACE) -> str:
-    """Markdown: iterations, f-evaluations, final residual, wall time and the f-evaluation from
-    which the answer was final, per solver of the race; once all have finished, each one's
-    speed-up over the baseline (the race's last solver) and whether they reach the same prediction."""
+    """Markdown: f-evaluations, final residual, wall time, outcome, the f-evaluation from which
+    the answer was final and the prediction, per solver of the race, and how the wall times were
+    measured; once all have finished, each one's speed-up over the baseline (the race's last
+    solver) and whether they reach the same prediction."""
     if not results:
         return ""
-    done = all(solver in results for solver in race)
-    timed = [r for r in results.values() if r.timing_s]
-    wall_header = f"wall time ({timed[0].timing_note})" if done and timed else "wall time (traced run)"
     lines = [
-        f"| solver | iterations | f-evals | residual | {wall_header} | result | answer final at "
-        "| prediction |",
-        "|---|---:|---:|---:|---:|---|---:|---|",
+        "| solver | f-evals | residual | wall time* | result | answer final at | prediction |",
+        "|---|---:|---:|---:|---|---:|---|",
     ]
     for solver in race:
         r = results.get(solver)
         if r is None:
-            lines.append(f"| {solver_label(solver)} | … | | | | running | | |")
+            lines.append(f"| {solver_label(solver)} | … | | | running | | |")
             continue
         pred = f"{r.prediction} ({max(r.probs):.0%})" if r.probs is not None else "–"
         settled = f"f-eval {r.settled_at}" if r.settled_at is not None else "–"
         lines.append(
-            f"| {r.label} | {max(len(r.trace) - 1, 0)} | {r.n_evals} | {r.residual:.2e} | "
-            f"{_fmt_time(r.timed_wall_s)} | {_outcome(r)} | {settled} | {pred} |"
+            f"| {r.label} | {r.n_evals} | {r.residual:.2e} | {_fmt_time(r.timed_wall_s)} | {_outcome(r)} | "
+            f"{settled} | {pred} |"
         )
-    if not done:
-        return "\n".join(lines)
+    note = f"\\* wall time: {next(iter(results.values())).timing_note}."
+    if not all(solver in results for solver in race):
+        return "\n\n".join(["\n".join(lines), note])
     baseline = results[race[-1]]
     speedups = [_speedup(results[solver], baseline) for solver in race[:-1]]
-    return "\n\n".join(["\n".join(lines), *speedups, _agreement([results[s] for s in race])])
+    return "\n\n".join(["\n".join(lines), note, *speedups, _agreement([results[s] for s in race])])
 
 
-def _times(ratio: float, fewer: str, more: str) -> str:
-    """ "2.1x fewer f-evaluations" or, for a ratio below 1, "1.3x more f-evaluations": never 0.8x fewer."""
+def _times(ratio: float, fewer: str, more: str, same: str) -> str:
+    """ "2.1x fewer f-evaluations" or, for a ratio below 1, "1.3x more f-evaluations" (never "0.8x
+    fewer"); ``same`` when the ratio rounds to 1.0x."""
     if not math.isfinite(ratio) or ratio <= 0:
         return f"no comparable {fewer.split(' ', 1)[-1]}"
+    if round(ratio, 1) == 1.0 and round(1 / ratio, 1) == 1.0:
+        return same
     return f"{ratio:.1f}x {fewer}" if ratio >= 1 else f"{1 / ratio:.1f}x {more}"
 
 
@@ -69,8 +70,8 @@ def _speedup(a: SolverResult, base: SolverResult) -> str:
     at_least = "" if base.converged else "at least "  # the baseline stopped at max_iter
     evals = base.n_evals / max(a.n_evals, 1)
     wall = base.timed_wall_s / a.timed_wall_s if a.timed_wall_s > 0 else float("inf")
-    evals_text = _times(evals, "fewer f-evaluations", "more f-evaluations")
-    wall_text = _times(wall, "less wall time", "more wall time")
+    evals_text = _times(evals, "fewer f-evaluations", "more f-evaluations", "as many f-evaluations")
+    wall_text = _times(wall, "less wall time", "more wall time", "about the same wall time")
     prefix = at_least if evals >= 1 else ""
     return (
         f"**Speed-up of {a.label} over {base.label}:** {prefix}{evals_text}, "
@@ -82,23 +83,26 @@ def _speedup(a: SolverResult, base: SolverResult) -> str:
 
 def verdict(results: dict[str, SolverResult], race: tuple[str, ...] = RACE, sep: str = ", ") -> str:
     """The race's outcome (the residual chart's title), once every solver finished:
-    "Anderson: 9 f-evaluations, forward iteration: 19 (2.1x fewer)", the solvers joined by ``sep``."""
+    "Anderson: 9 f-evaluations (2.1x fewer than forward iteration), forward iteration: 19", the
+    solvers joined by ``sep``; the comparison is the first solver's against the baseline (the last)."""
     if not race or not all(s in results for s in race):
         return ""
     parts = []
-    for i, solver in enumerate(race):
+    for solver in race:
         r = results[solver]
-        what = f"{r.n_evals} f-evaluations" if i == 0 else f"{r.n_evals}"
+        what = f"{r.n_evals} f-evaluations"
         if r.diverged:
             what += " (diverged)"
         elif not r.converged:
-            what += " (stopped at max_iter)" if r.n_evals >= 1 else ""
+            what += " (stopped at max_iter)"
         parts.append(f"{r.label}: {what}")
     first, base = results[race[0]], results[race[-1]]
     if len(race) > 1 and first.converged:
         ratio = base.n_evals / max(first.n_evals, 1)
         at_least = "≥ " if not base.converged and ratio >= 1 else ""
-        parts[-1] += f" ({at_least}{_times(ratio, 'fewer', 'more')})"
+        than = base.label
+        comparison = _times(ratio, f"fewer than {than}", f"more than {than}", f"as many as {than}")
+        parts[0] += f" ({at_least}{comparison})"
     return sep.join(parts)
 
 
