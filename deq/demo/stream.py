@@ -187,6 +187,7 @@ def stream_solve(
                 break  # cannot happen (the worker always sends "end"), but never hang
             for event in batch:
                 dirty |= progress.apply(event)
+            dirty = dirty and progress.horizon > 0  # nothing to draw before the first f-evaluation
             # On the milliseconds axis the replay waits for the untraced timings that scale it.
             timed = x_axis != "ms" or progress.timed or progress.ended
             if progress.horizon and timed and not replay.started:
