@@ -30,12 +30,23 @@ PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
 #: dark themes alike.
 _INK = "#777777"
 _AXIS = {"showgrid": True, "gridcolor": "rgba(128,128,128,0.25)", "showline": True, "linecolor": _INK,
-         "zeroline": False, "tickfont": {"color": _INK}, "title": {"font": {"color": _INK}}}  # fmt: skip
+         "zeroline": False, "tickfont": {"color": _INK}}  # fmt: skip
 _LAYOUT = {"template": "none", "plot_bgcolor": "rgba(0,0,0,0)", "paper_bgcolor": "rgba(0,0,0,0)",
            "font": {"color": _INK}, "hovermode": "x"}  # fmt: skip
 #: Legends above the plotting area, in a row (wrapping on a phone): they never cover a curve.
 _LEGEND = {"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom",
            "bgcolor": "rgba(0,0,0,0)"}  # fmt: skip
+
+
+def _axis(title: str, **settings) -> dict:
+    """An axis in the house style, titled ``title``; ``settings`` add to or override it."""
+    return {**_AXIS, "title": {"text": title, "font": {"color": _INK}}, **settings}
+
+
+def _title(text: str, size: int = 14) -> dict:
+    """A chart's title at its top left, above the legend (the page shows no component label)."""
+    return {"text": text, "x": 0.01, "xanchor": "left", "yref": "container", "y": 0.97, "yanchor": "top",
+            "font": {"size": size}}  # fmt: skip
 
 
 def solver_color(solver: str, race: tuple[str, ...] = RACE) -> str:
@@ -63,7 +74,7 @@ X_AXES = {"evals": "f-evaluation", "ms": "milliseconds into the solve (scaled to
 def _x_axis(x_axis: str) -> dict:
     if x_axis not in X_AXES:
         raise ValueError(f"x_axis must be one of {sorted(X_AXES)}, got {x_axis!r}")
-    return {**_AXIS, "title": {"text": X_AXES[x_axis], "font": {"color": _INK}}, "rangemode": "tozero"}
+    return _axis(X_AXES[x_axis], rangemode="tozero")
 
 
 def residual_figure(
@@ -91,12 +102,11 @@ def residual_figure(
     layout = {
         **_LAYOUT,
         "height": 420,
-        "title": {"text": "", "x": 0.01, "xanchor": "left", "yref": "container", "y": 0.97, "yanchor": "top",
-                  "font": {"size": 15}},
+        "title": _title("", size=15),
         "margin": {"l": 70, "r": 20, "t": 110, "b": 55},
         "xaxis": _x_axis(x_axis),
-        "yaxis": {**_AXIS, "type": "log", "exponentformat": "power", "minorloglabels": "none",
-                  "title": {"text": "relative residual ‖f(z) − z‖ / ‖f(z)‖", "font": {"color": _INK}}},
+        "yaxis": _axis("relative residual ‖f(z) − z‖ / ‖f(z)‖", type="log", exponentformat="power",
+                       minorloglabels="none"),
         "legend": _LEGEND,
         "shapes": [tol_line],
         "annotations": [tol_label],
@@ -134,8 +144,7 @@ def answer_figure(race: tuple[str, ...] = RACE, x_axis: str = "evals") -> go.Fig
         "title": _title("The answer along the solve"),
         "margin": {"l": 70, "r": 20, "t": 90, "b": 50},
         "xaxis": _x_axis(x_axis),
-        "yaxis": {**_AXIS, "title": {"text": "top-1 probability", "font": {"color": _INK}}, "range": [0, 1.1],
-                  "tickformat": ".0%"},
+        "yaxis": _axis("top-1 probability", range=[0, 1.1], tickformat=".0%"),
         "legend": _LEGEND,
     }  # fmt: skip
     return go.Figure(data=traces, layout=layout)
@@ -192,9 +201,8 @@ def budget_figure(curve) -> go.Figure | None:
         "height": 380,
         "title": _title("How deep the network needs to be: accuracy by solver budget"),
         "margin": {"l": 70, "r": 20, "t": 100, "b": 50},
-        "xaxis": {**_AXIS, "type": "log", "title": {"text": "f-evaluations the solve may spend (k)",
-                  "font": {"color": _INK}}, "tickvals": budgets},
-        "yaxis": {**_AXIS, "title": {"text": "test accuracy (%)", "font": {"color": _INK}}},
+        "xaxis": _axis("f-evaluations the solve may spend (k)", type="log", tickvals=budgets),
+        "yaxis": _axis("test accuracy (%)"),
         "legend": _LEGEND,
     }  # fmt: skip
     return go.Figure(data=traces, layout=layout)
@@ -213,12 +221,6 @@ def _series(
             xs.append(r.epoch)
             ys.append(v)
     return xs, ys
-
-
-def _title(text: str) -> dict:
-    """A chart's title at its top left, above the legend (the page shows no component label)."""
-    return {"text": text, "x": 0.01, "xanchor": "left", "yref": "container", "y": 0.97, "yanchor": "top",
-            "font": {"size": 14}}  # fmt: skip
 
 
 def _curves(
@@ -241,14 +243,9 @@ def _curves(
         "height": 360,
         "title": _title(title),
         "margin": {"l": 70, "r": 20, "t": 100, "b": 50},
-        "xaxis": {
-            **_AXIS,
-            "title": {"text": "epoch", "font": {"color": _INK}},
-            "tick0": 0,
-            "dtick": max(1, round(len(records) / 10)),
-        },
+        "xaxis": _axis("epoch", tick0=0, dtick=max(1, round(len(records) / 10))),
         "legend": _LEGEND,
-        "yaxis": {**_AXIS, "title": {"text": y_title, "font": {"color": _INK}}, **y_scale},
+        "yaxis": _axis(y_title, **y_scale),
     }
     return go.Figure(data=traces, layout=layout)
 

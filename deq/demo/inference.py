@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..data import CIFAR10_CLASSES
 from ..model import DEQClassifier
-from ..solvers import lookup
+from ..solvers import SolverStats, lookup
 
 __all__ = [
     "RACE",
@@ -189,14 +189,18 @@ class SolverResult:
         return "a single untraced solve (noisy)" if n else "the traced run (with its tracing: noisy)"
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _as_input(model: torch.nn.Module, image: Tensor) -> Tensor:
-    """The image on the model's device, in the model's precision (float64 copies solve in float64)."""
+def _timed_predict(
+    model: DEQClassifier, image: Tensor, solver: str, settings: SolveSettings, **hooks
+) -> tuple[Tensor, SolverStats, float]:
+    """(logits, stats, seconds) of one solve of ``image`` on the model's device and in its
+    precision (float64 copies solve in float64); ``hooks``: predict's callback and on_logits."""
     weight = next(model.parameters())
-    return image.to(device=weight.device, dtype=weight.dtype)
+    image = image.to(device=weight.device, dtype=weight.dtype)
+    start = time.perf_counter()
+    logits, stats = model.predict(image, solver=solver, **hooks, **settings.solver_kwargs(solver))
+    if logits.is_cuda:
+        torch.cuda.synchronize()
+    return logits, stats, time.perf_counter() - start
 
 
 def solve(
@@ -221,14 +225,9 @@ def solve(
         if callback is not None:
             callback(Step(iteration, residual, times[-1], *(answers[-1] if answers else (-1, math.nan))))
 
-    image = _as_input(model, image)
     start = time.perf_counter()
-    logits, stats = model.predict(
-        image, solver=solver, callback=on_residual, on_logits=on_logits, **settings.solver_kwargs(solver)
-    )
-    if logits.is_cuda:
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
+    hooks = {"callback": on_residual, "on_logits": on_logits}
+    logits, stats, wall = _timed_predict(model, image, solver, settings, **hooks)
     return SolverResult(
         solver=solver,
         trace=list(stats.trace),
@@ -241,18 +240,13 @@ def solve(
         probs=_probabilities(logits),
         times_ms=times,
         answers=answers,
-        dtype=str(image.dtype).removeprefix("torch."),
+        dtype=str(logits.dtype).removeprefix("torch."),
     )
 
 
 def time_solve(model: DEQClassifier, image: Tensor, solver: str, settings: SolveSettings) -> float:
     """Seconds one untraced solve of ``image`` takes (no callbacks: the cost the solver has)."""
-    image = _as_input(model, image)
-    start = time.perf_counter()
-    logits, _ = model.predict(image, solver=solver, **settings.solver_kwargs(solver))
-    if logits.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return _timed_predict(model, image, solver, settings)[2]
 
 
 def report(results: dict[str, SolverResult], race: tuple[str, ...], settings: SolveSettings) -> dict:
