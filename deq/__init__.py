@@ -2,7 +2,7 @@
 CIFAR-10 classifier. The library imports no UI: the web demo's logic lives in ``deq.demo``."""
 
 from .data import CIFAR10_CLASSES
-from .layer import BACKWARD_MODES, DEQFixedPoint, DEQInfo, unroll
+from .layer import BACKWARD_MODES, DEQFixedPoint, DEQInfo, spectral_radius, unroll
 from .model import ARCHITECTURES, Architecture, DEQClassifier, ModelConfig, ResNetCell, register_architecture
 from .solvers import (
     SOLVERS,
@@ -35,6 +35,7 @@ __all__ = [
     "get_solver",
     "register_architecture",
     "register_solver",
+    "spectral_radius",
     "unregister_solver",
     "unroll",
 ]

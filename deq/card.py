@@ -1,6 +1,6 @@
 """The model card as Markdown: what a checkpoint's card says (accuracy, how, where and by which
-command it was trained, its equilibrium evaluations and accuracy-by-budget curve), for the app's
-model tab and the Hub model repo's README alike.
+command it was trained, its equilibrium evaluations, spectral radius and accuracy-by-budget
+curve), for the app's model tab and the Hub model repo's README alike.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from .model import DEQClassifier
 from .solvers import SOLVERS
 
-__all__ = ["card_markdown"]
+__all__ = ["budget_curve", "card_markdown", "lineage", "total_train_wall_time_s"]
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -50,6 +50,7 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
     if card.get("command"):
         commit = f" at commit `{card['git_commit'][:10]}`" if card.get("git_commit") else ""
         lines.append(f"- Command: `{card['command']}`{commit}")
+    lines.extend(_lineage_lines(card))
     if card.get("dataset"):
         lines.append(f"- Data: {card['dataset']}")
     solver_opts = ", ".join(f"{k}={v}" for k, v in cfg.solver_kwargs.items())
@@ -60,6 +61,7 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
     )
     for e in card.get("evaluations") or []:
         lines.extend(_evaluation_line(e))
+    lines.extend(_spectral_radius_line(card.get("spectral_radius")))
     if card.get("notes"):
         lines.append(f"- Notes: {card['notes']}")
     if card.get("torch"):
@@ -68,6 +70,37 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
     if not card:
         lines.append("- This checkpoint carries no model card.")
     return "\n".join(lines)
+
+
+def lineage(card: dict) -> list[dict]:
+    """The cards of a fine-tuned model's training stages, the first (trained from scratch) first
+    and ``card`` last; each stage started from the previous one's weights (``--init-from``)."""
+    stages = []
+    while isinstance(card, dict) and len(stages) < 100:
+        stages.append(card)
+        card = (card.get("init_from") or {}).get("card") if isinstance(card.get("init_from"), dict) else None
+    return stages[::-1]
+
+
+def total_train_wall_time_s(card: dict) -> float:
+    """Training wall time of all of a model's stages (``lineage``), in seconds."""
+    return sum(float(stage.get("train_wall_time_s") or 0) for stage in lineage(card))
+
+
+def _lineage_lines(card: dict) -> list[str]:
+    """A fine-tuned model's stages, one numbered line each ([] for a model trained in one go)."""
+    stages = lineage(card)
+    if len(stages) < 2:
+        return []
+    try:
+        lines = [f"- Trained in {len(stages)} stages, each from the previous one's weights, "
+                 f"{_fmt_duration(total_train_wall_time_s(card))} in all:"]  # fmt: skip
+        for i, stage in enumerate(stages, 1):
+            took = _fmt_duration(float(stage["train_wall_time_s"]))
+            lines.append(f"  {i}. `{stage['command']}`: {stage['epochs']:.3g} epochs, {took}")
+        return lines
+    except (KeyError, TypeError, ValueError):
+        return []  # a card from elsewhere with other fields: show nothing rather than fail
 
 
 def _percent(fraction: float) -> str:
@@ -91,6 +124,21 @@ def _evaluation_line(e: dict) -> list[str]:
         return [f"- Solved to {how}: "
                 f"{_percent(e['converged_fraction'])} of {e['images']:,} test images converge, "
                 f"{what} {median:g} f-evaluations, accuracy {100 * e['accuracy']:.1f}%{flips}"]  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return []  # a card from elsewhere with other fields: show nothing rather than fail
+
+
+def _spectral_radius_line(e) -> list[str]:
+    """``deq.evaluate --spectral-radius --record``'s summary as a bullet ([] if absent)."""
+    if not isinstance(e, dict):
+        return []
+    try:
+        where = f" on {e['device']}" if e.get("device") else ""
+        images = f"{e['images']:,} {e.get('split', 'test')} images"
+        return [f"- Spectral radius of df/dz at the equilibrium ({images}, "
+                f"{e['power_iterations']} power iterations{where}): median {e['median']:.2f}, "
+                f"p90 {e['p90']:.2f}: forward iteration shrinks the residual by about this factor per "
+                "f-evaluation near z*"]  # fmt: skip
     except (KeyError, TypeError, ValueError):
         return []  # a card from elsewhere with other fields: show nothing rather than fail
 

@@ -107,6 +107,7 @@ class EpochRecord:
     backward_residual: float | None = None  # None: no implicit backward solve (phantom gradient)
     backward_iters: float | None = None
     jacobian_penalty: float | None = None  # None: trained without the Jacobian regulariser
+    spectral_radius: float | None = None  # mean estimate over the epoch; None: not regularised
     eval_forward_residual: float | None = None
     eval_forward_iters: float | None = None
     lr: float | None = None

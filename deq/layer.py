@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .solvers import SolverStats, check_solver_kwargs, get_solver
 
-__all__ = ["DEQFixedPoint", "DEQInfo", "BACKWARD_MODES"]
+__all__ = ["DEQFixedPoint", "DEQInfo", "BACKWARD_MODES", "spectral_radius"]
 
 BACKWARD_MODES = ("implicit", "phantom")
 
@@ -25,6 +25,9 @@ class DEQInfo:
     backward: SolverStats | None = None
     #: Hutchinson estimate of ||df/dz||_F^2 / dim at z*, differentiable (only when asked for).
     jacobian_penalty: Tensor | None = None
+    #: (B,) power-iteration estimate of each sample's spectral radius of df/dz at z*,
+    #: differentiable (only when asked for).
+    spectral_radius: Tensor | None = None
 
 
 class DEQFixedPoint(nn.Module):
@@ -113,18 +116,32 @@ class DEQFixedPoint(nn.Module):
             return get_solver(name)(f, z0, **kwargs)
 
     def forward(
-        self, x: Tensor, z0: Tensor | None = None, jacobian_penalty: bool = False
+        self,
+        x: Tensor,
+        z0: Tensor | None = None,
+        jacobian_penalty: bool = False,
+        spectral_radius_iters: int = 0,
     ) -> tuple[Tensor, DEQInfo]:
         """z* (same shape as x) and this call's stats. ``jacobian_penalty``: also return, in
         ``info.jacobian_penalty``, the Jacobian regulariser of Bai et al. (2021) to add to the
-        loss: it keeps f contractive, so the equilibrium exists and solvers converge."""
+        loss: it keeps f contractive, so the equilibrium exists and solvers converge.
+        ``spectral_radius_iters`` > 0: also return, in ``info.spectral_radius``, each sample's
+        spectral radius of df/dz at z* estimated with that many power iterations (the rate at
+        which forward iteration converges), differentiable for a regulariser."""
+        if not isinstance(spectral_radius_iters, int) or spectral_radius_iters < 0:
+            raise ValueError(f"spectral_radius_iters must be an integer >= 0, got {spectral_radius_iters!r}")
         z_star, fstats = self.solve(x, z0)
         info = DEQInfo(forward=fstats)
         if not torch.is_grad_enabled():
             return z_star, info
-        if jacobian_penalty:  # its own graph: the loss's backward frees it, the hook's f0 must outlive that
+        if jacobian_penalty or spectral_radius_iters:
+            # its own graph: the loss's backward frees it, the hook's f0 must outlive that
             z_leaf = z_star.detach().requires_grad_()
-            info.jacobian_penalty = _jacobian_penalty(self.f(z_leaf, x), z_leaf)
+            fz = self.f(z_leaf, x)
+            if spectral_radius_iters:
+                info.spectral_radius = spectral_radius(fz, z_leaf, spectral_radius_iters)
+            if jacobian_penalty:
+                info.jacobian_penalty = _jacobian_penalty(fz, z_leaf)
         if self.backward_mode == "phantom":
             z = z_star
             for _ in range(self.phantom_steps):
@@ -165,6 +182,25 @@ def _jacobian_penalty(fz: Tensor, z: Tensor) -> Tensor:
     v = torch.randn_like(fz)
     (vjp,) = torch.autograd.grad(fz, z, v, create_graph=True)
     return vjp.float().pow(2).sum() / v.numel()
+
+
+def spectral_radius(fz: Tensor, z: Tensor, iters: int) -> Tensor:
+    """(B,) estimate of each sample's spectral radius of J = dfz/dz (fz, z: (B, ...), fz computed
+    from z with a graph; samples must not interact in f), by power iteration on J^T (same
+    eigenvalues): ``iters - 1`` normalised vector-Jacobian products without a graph, then
+    ||v^T J|| / ||v|| with one, so the result is differentiable in f's parameters."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+
+    def per_sample_norm(t: Tensor) -> Tensor:
+        return t.float().flatten(1).norm(dim=1)
+
+    v = torch.randn_like(fz)
+    for _ in range(iters - 1):
+        (u,) = torch.autograd.grad(fz, z, v, retain_graph=True)
+        v = u / per_sample_norm(u).clamp_min(1e-12).to(u.dtype).view(-1, *[1] * (u.dim() - 1))
+    (u,) = torch.autograd.grad(fz, z, v.detach(), create_graph=True)
+    return per_sample_norm(u) / per_sample_norm(v).clamp_min(1e-12)
 
 
 def unroll(f: Callable[[Tensor, Tensor], Tensor], x: Tensor, n_iter: int) -> Tensor:

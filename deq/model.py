@@ -229,10 +229,16 @@ class DEQClassifier(nn.Module):
         return self.stem((images - self.mean) / self.std)
 
     def forward(
-        self, images: Tensor, return_info: bool = False, jacobian_penalty: bool = False
+        self,
+        images: Tensor,
+        return_info: bool = False,
+        jacobian_penalty: bool = False,
+        spectral_radius_iters: int = 0,
     ) -> Tensor | tuple[Tensor, DEQInfo]:
-        """Training and plain inference with the model's own solver settings."""
-        z, info = self.deq(self.inject(images), jacobian_penalty=jacobian_penalty)
+        """Training and plain inference with the model's own solver settings (the regulariser
+        options are ``DEQFixedPoint.forward``'s)."""
+        x = self.inject(images)
+        z, info = self.deq(x, jacobian_penalty=jacobian_penalty, spectral_radius_iters=spectral_radius_iters)
         logits = self.head(z)
         return (logits, info) if return_info else logits
 

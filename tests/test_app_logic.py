@@ -583,6 +583,30 @@ def test_card_markdown_shows_the_accuracy_by_budget_table():
         assert "Accuracy by solver budget" not in card_markdown(model)
 
 
+def test_card_markdown_lists_a_fine_tuned_models_stages_and_total_time():
+    from deq.card import lineage, total_train_wall_time_s
+
+    model = small_model()
+    first = {"command": "python train.py --preset cpu", "epochs": 15.0, "train_wall_time_s": 5400.0}
+    second = {"command": "python train.py --init-from a", "epochs": 2.0, "train_wall_time_s": 900.0,
+              "init_from": {"checkpoint": "a", "card": first}}  # fmt: skip
+    model.card = {"command": "python train.py --init-from b", "epochs": 6.5, "train_wall_time_s": 3600.0,
+                  "init_from": {"checkpoint": "b", "card": second}}  # fmt: skip
+    assert lineage(model.card) == [first, second, model.card]
+    assert total_train_wall_time_s(model.card) == 9900.0
+    lines = card_markdown(model).splitlines()
+    start = lines.index("- Trained in 3 stages, each from the previous one's weights, 2.8 h in all:")
+    assert lines[start + 1 : start + 4] == [
+        "  1. `python train.py --preset cpu`: 15 epochs, 90 min",
+        "  2. `python train.py --init-from a`: 2 epochs, 15 min",
+        "  3. `python train.py --init-from b`: 6.5 epochs, 60 min",
+    ]
+    model.card = first  # trained in one go: no stage list
+    assert "stages" not in card_markdown(model) and lineage(first) == [first]
+    model.card = {**second, "init_from": {"checkpoint": "a", "card": {"epochs": "?"}}}  # garbled: nothing
+    assert "stages" not in card_markdown(model)
+
+
 def test_training_log_and_figures(tiny_checkpoint, tmp_path):
     records, problem = train_log(str(tiny_checkpoint))
     assert [r.epoch for r in records] == [1, 2, 3] and problem is None

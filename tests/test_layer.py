@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from deq import DEQFixedPoint, ResNetCell, unroll
+from deq import DEQFixedPoint, ResNetCell, spectral_radius, unroll
 
 
 def small_cell(dtype=torch.float64, channels: int = 4, groups: int = 2, std: float = 0.1) -> ResNetCell:
@@ -192,3 +192,41 @@ def test_jacobian_penalty_estimates_frobenius_norm_and_trains(backward):
     (z.sum() + info.jacobian_penalty).backward()  # both graphs backpropagate, the hook included
     assert cell.conv1.weight.grad is not None and torch.isfinite(x.grad).all()
     assert (info.backward is not None) == (backward == "implicit")
+
+
+def test_spectral_radius_matches_the_eigenvalues_per_sample_and_is_differentiable():
+    torch.manual_seed(0)
+    n = 12
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    eigs = torch.linspace(0.1, 0.5, n, dtype=torch.float64)
+    eigs[0] = 0.9  # one dominant eigenvalue: what forward iteration converges at
+    a = (q @ torch.diag(eigs) @ torch.linalg.inv(q)).requires_grad_()
+    scale = torch.tensor([1.0, 0.5], dtype=torch.float64)  # sample 2's map is half as steep
+    z = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
+    fz = scale.view(2, 1) * (z @ a.T)
+    rho = spectral_radius(fz, z, iters=60)
+    assert rho.shape == (2,)
+    assert rho.detach().tolist() == pytest.approx([0.9, 0.45], rel=1e-3)
+    rho.sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="iters"):
+        spectral_radius(fz, z, iters=0)
+
+
+def test_layer_returns_the_spectral_radius_when_asked():
+    cell = small_cell(channels=2, groups=1, std=0.3)
+    layer = DEQFixedPoint(cell, **{k: v for k, v in tight().items() if k != "solver"})
+    x = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    z_star, _ = layer.solve(x)
+    jacobians = [
+        torch.autograd.functional.jacobian(lambda z, x_i=x_i: cell(z, x_i), z_i).reshape(8, 8)
+        for x_i, z_i in zip(x.detach().split(1), z_star.split(1), strict=True)
+    ]
+    exact = [torch.linalg.eigvals(j).abs().max().item() for j in jacobians]
+    z, info = layer(x, spectral_radius_iters=200)
+    assert info.spectral_radius.detach().tolist() == pytest.approx(exact, rel=0.02)
+    (z.sum() + info.spectral_radius.sum()).backward()
+    assert cell.conv1.weight.grad is not None and torch.isfinite(x.grad).all()
+    assert layer(x)[1].spectral_radius is None
+    with pytest.raises(ValueError, match="spectral_radius_iters"):
+        layer(x, spectral_radius_iters=-1)

@@ -371,3 +371,33 @@ def test_help_gives_every_option_a_line_its_default_and_choices_and_lists_the_pr
     for preset in train.PRESETS:
         assert f"  {preset}: {train.PRESET_PURPOSE[preset]}" in text
     assert "--arch large --n-channels 128" in text and "--channels-last" in text
+
+
+def test_spectral_radius_band_penalises_the_distance_outside_it():
+    torch.manual_seed(0)
+    model = train.DEQClassifier(train.ModelConfig(n_channels=16, n_inner_channels=16, n_groups=4))
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    cfg, _ = train.parse_args(["--rho-reg", "3", "--rho-iters", "4"])
+    torch.manual_seed(1)
+    _, info, ce, loss = train.training_loss(model, x, y, cfg, "cpu")
+    rho = info.spectral_radius.detach()
+    assert rho.shape == (4,)
+    assert float(loss.detach()) == pytest.approx(float(ce.detach()))  # inside [0, 1]: free
+    lo, hi = float(rho.min()), float(rho.max())
+    cases = {  # band -> expected penalty per image
+        (hi + 0.1, hi + 0.2): hi + 0.1 - rho,  # all below the band: pushed up
+        (0.0, lo / 2): rho - lo / 2,  # all above: pushed down
+        (lo, hi): torch.zeros(4),
+    }
+    for (low, high), expected in cases.items():
+        band = ["--rho-min", str(low), "--rho-max", str(high)]
+        cfg, _ = train.parse_args(["--rho-reg", "3", "--rho-iters", "4", *band])
+        torch.manual_seed(1)  # the same power-iteration start each time
+        _, _, ce, loss = train.training_loss(model, x, y, cfg, "cpu")
+        expected_loss = float(ce.detach()) + 3 * float(expected.mean())
+        assert float(loss.detach()) == pytest.approx(expected_loss, rel=1e-4, abs=1e-6)
+    loss.backward()
+    for bad in (["--rho-min", "0.9", "--rho-max", "0.5"], ["--rho-reg", "-1"], ["--rho-iters", "0"],
+                ["--rho-reg", "1", "--rho-max", "inf"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
