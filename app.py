@@ -89,7 +89,7 @@ cost (its traced clock, scaled to end at its median untraced solve); the table's
 those medians. Forward iteration converges linearly (a straight line on the log axis) at a rate
 set by how contractive $f$ is; Anderson acceleration combines the last $m$ iterates to
 extrapolate. On the default `large` model it needs 1.1-1.6x fewer evaluations than forward
-iteration on the example images (1.2-1.7x on the `cpu` model). On the `seed` model, whose cell is
+iteration on the example images (1.3-2.4x on the `cpu` model). On the `seed` model, whose cell is
 barely contractive, forward iteration stops at `max_iter` 100 on every example while Anderson
 converges in 17-34 evaluations. The dashed line is the tolerance: a solver stops below it, or
 after `max_iter` evaluations. $\beta > 1$ over-projects (often faster, can diverge), $\beta < 1$

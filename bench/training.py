@@ -2,7 +2,7 @@
 
     python -m bench.training                 # CPU, batch 32
     python -m bench.training --device cuda --batch-size 100
-    python -m bench.training --recipes       # whole training recipes side by side (CPU: ~3 min)
+    python -m bench.training --recipes       # whole training recipes side by side (CPU: ~1 min)
 
 1. Training images/s with the exact implicit backward vs the phantom (1-step) backward, same
    forward solve (Anderson, tol 1e-2, max_iter 25 as in the reference recipe; the same options backward).
@@ -40,6 +40,7 @@ RECIPES = (
     ("cpu (now), batch 32", {"preset": "cpu", "batch_size": 32}),
     ("cpu (now), batch 128", {"preset": "cpu", "batch_size": 128}),
     ("large 64/96 (cheaper cell), otherwise cpu (now)", {"preset": "cpu", "n_inner_channels": 96}),
+    ("cpu-rho: cpu (now) + spectral-radius band (8 VJPs), f 20 / b 10", {"preset": "cpu-rho"}),
 )  # fmt: skip
 
 

@@ -11,6 +11,12 @@ from .solvers import SOLVERS
 __all__ = ["budget_curve", "card_markdown", "lineage", "total_train_wall_time_s"]
 
 
+def _short_commit(commit: str) -> str:
+    """The first 10 hex digits, keeping train.py's "+dirty" (uncommitted changes) mark."""
+    sha, dirty, _ = str(commit).partition("+dirty")
+    return sha[:10] + ("+dirty" if dirty else "")
+
+
 def _fmt_duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -48,7 +54,7 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
         if card.get("finished") is False:
             lines.append("- ⚠️ training had not finished when this checkpoint was written")
     if card.get("command"):
-        commit = f" at commit `{card['git_commit'][:10]}`" if card.get("git_commit") else ""
+        commit = f" at commit `{_short_commit(card['git_commit'])}`" if card.get("git_commit") else ""
         lines.append(f"- Command: `{card['command']}`{commit}")
     lines.extend(_lineage_lines(card))
     if card.get("dataset"):
@@ -93,11 +99,13 @@ def _lineage_lines(card: dict) -> list[str]:
     if len(stages) < 2:
         return []
     try:
+        total = total_train_wall_time_s(card)
         lines = [f"- Trained in {len(stages)} stages, each from the previous one's weights, "
-                 f"{_fmt_duration(total_train_wall_time_s(card))} in all:"]  # fmt: skip
+                 f"{_fmt_duration(total)} ({total:,.0f} s) in all:"]  # fmt: skip
         for i, stage in enumerate(stages, 1):
             took = _fmt_duration(float(stage["train_wall_time_s"]))
-            lines.append(f"  {i}. `{stage['command']}`: {stage['epochs']:.3g} epochs, {took}")
+            commit = f", commit `{_short_commit(stage['git_commit'])}`" if stage.get("git_commit") else ""
+            lines.append(f"  {i}. `{stage['command']}`: {stage['epochs']:.3g} epochs, {took}{commit}")
         return lines
     except (KeyError, TypeError, ValueError):
         return []  # a card from elsewhere with other fields: show nothing rather than fail

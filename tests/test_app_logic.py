@@ -587,7 +587,8 @@ def test_card_markdown_lists_a_fine_tuned_models_stages_and_total_time():
     from deq.card import lineage, total_train_wall_time_s
 
     model = small_model()
-    first = {"command": "python train.py --preset cpu", "epochs": 15.0, "train_wall_time_s": 5400.0}
+    first = {"command": "python train.py --preset cpu", "epochs": 15.0, "train_wall_time_s": 5400.0,
+             "git_commit": "0123456789abcdef+dirty"}  # fmt: skip
     second = {"command": "python train.py --init-from a", "epochs": 2.0, "train_wall_time_s": 900.0,
               "init_from": {"checkpoint": "a", "card": first}}  # fmt: skip
     model.card = {"command": "python train.py --init-from b", "epochs": 6.5, "train_wall_time_s": 3600.0,
@@ -595,14 +596,16 @@ def test_card_markdown_lists_a_fine_tuned_models_stages_and_total_time():
     assert lineage(model.card) == [first, second, model.card]
     assert total_train_wall_time_s(model.card) == 9900.0
     lines = card_markdown(model).splitlines()
-    start = lines.index("- Trained in 3 stages, each from the previous one's weights, 2.8 h in all:")
+    heading = "- Trained in 3 stages, each from the previous one's weights, 2.8 h (9,900 s) in all:"
+    start = lines.index(heading)
     assert lines[start + 1 : start + 4] == [
-        "  1. `python train.py --preset cpu`: 15 epochs, 90 min",
+        "  1. `python train.py --preset cpu`: 15 epochs, 90 min, commit `0123456789+dirty`",
         "  2. `python train.py --init-from a`: 2 epochs, 15 min",
         "  3. `python train.py --init-from b`: 6.5 epochs, 60 min",
     ]
-    model.card = first  # trained in one go: no stage list
+    model.card = first  # trained in one go: no stage list; the commit keeps its "+dirty" mark
     assert "stages" not in card_markdown(model) and lineage(first) == [first]
+    assert "at commit `0123456789+dirty`" in card_markdown(model)
     model.card = {**second, "init_from": {"checkpoint": "a", "card": {"epochs": "?"}}}  # garbled: nothing
     assert "stages" not in card_markdown(model)
 

@@ -43,7 +43,7 @@ def test_cuda_per_image_counts_equal_solving_each_image_alone(solver):
     assert stats.n_evals >= max(stats.sample_evals.tolist())
 
 
-def test_cuda_bf16_channels_last_training_step_implicit_with_jacobian_penalty():
+def test_cuda_bf16_channels_last_training_step_implicit_with_both_regularisers():
     torch.manual_seed(0)
     model = DEQClassifier(ModelConfig(solver_kwargs={"tol": 1e-2, "max_iter": 20})).cuda()
     model = model.to(memory_format=torch.channels_last)
@@ -51,8 +51,9 @@ def test_cuda_bf16_channels_last_training_step_implicit_with_jacobian_penalty():
     x = torch.rand(32, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (32,), device="cuda")
     with torch.autocast("cuda", torch.bfloat16):
-        logits, info = model(x, return_info=True, jacobian_penalty=True)
-        loss = F.cross_entropy(logits.float(), y) + info.jacobian_penalty
+        logits, info = model(x, return_info=True, jacobian_penalty=True, spectral_radius_iters=4)
+        loss = F.cross_entropy(logits.float(), y) + info.jacobian_penalty + info.spectral_radius.mean()
+    assert info.spectral_radius.shape == (32,) and torch.isfinite(info.spectral_radius).all()
     loss.backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

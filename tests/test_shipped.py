@@ -4,6 +4,7 @@ default tells the demo's story on its own example images."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -73,3 +74,24 @@ def test_the_default_model_beats_forward_iteration_on_the_example_images():
     torch.set_num_threads(threads)
     assert len(EXAMPLES) == 10
     assert statistics.median(evals["anderson"]) < statistics.median(evals["forward"])
+
+
+def test_the_cpu_model_meets_its_targets_by_its_card():
+    """checkpoints/cpu: trained on a 2-core CPU within 3 hours (all its stages), <= 300k parameters,
+    >= 75% on the full test set, Anderson converging on >= 98% in >= 1.5x fewer f-evaluations than
+    forward iteration (medians), and its last stage is what `--preset cpu-rho` runs."""
+    import train
+    from deq.card import lineage, total_train_wall_time_s
+
+    card = load_model(SHIPPED["cpu"]).card
+    assert card["parameters"] <= 300_000 and card["test_accuracy"] >= 0.75
+    stages = lineage(card)
+    assert all("2 cores" in stage["device"] for stage in stages)
+    assert total_train_wall_time_s(card) <= 3 * 3600
+    anderson, forward = equilibrium_report(card, "anderson"), equilibrium_report(card, "forward")
+    assert anderson["converged_fraction"] >= 0.98
+    assert forward["median_f_evals"] >= 1.5 * anderson["median_f_evals"]
+    preset, _ = train.parse_args(["--preset", "cpu-rho"])
+    ran = card["train_config"]
+    different = {k for k, v in dataclasses.asdict(preset).items() if ran[k] != v}
+    assert different == {"out", "init_from", "progress"}, different  # where it ran, not how
