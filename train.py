@@ -4,6 +4,7 @@
     python train.py --preset fast --data data --out runs/fast          # the seed model, 270 s of one GPU
     python train.py --preset large --data data --out runs/large        # one wide DEQ cell, 400 s of one GPU
     python train.py --preset cpu --data data --out runs/cpu            # 1.5 hours of a 2-core CPU
+    python train.py --preset cpu-rho --data data --out runs/cpu-rho --init-from RUN   # + 1 hour, fine-tune
     torchrun --nproc_per_node=2 train.py --preset seed ...             # multi-GPU (DDP)
 
 Every TrainConfig field is a command-line option (--batch-size, --jac-reg, ...), and so are the
@@ -147,10 +148,12 @@ PRESETS: dict[str, dict] = {
         "augment": True, "label_smoothing": 0.1, "f_max_iter": 15, "b_max_iter": 10, "jac_reg": 2.0,
         "bn_recalibrate": 2000,
     },
-    # A fine-tune of a "cpu" run (--init-from) that moves each image's spectral radius of df/dz at
-    # z* into [0.78, 0.88]. "cpu" leaves it at a median 0.70, where forward iteration needs only
-    # 1.33x Anderson's f-evaluations; in the band forward iteration is slow and Anderson still
-    # converges. 20 training solver steps: 15 no longer reach tol 1e-2 there.
+    # The last of checkpoints/cpu's three stages (README): a fine-tune (--init-from) that pushes
+    # each image's spectral radius of df/dz at z* (the 8-iteration training estimate) into
+    # [0.78, 0.88]. "cpu" leaves it at a median 0.70, where forward iteration needs only 1.33x
+    # Anderson's f-evaluations; near the band forward iteration is slow and Anderson still
+    # converges. 20 training solver steps: with 15 the batch residual stayed at 0.03-0.04, above
+    # tol 1e-2.
     "cpu-rho": {
         "arch": "large", "n_channels": 64, "n_inner_channels": 128, "epochs": 500, "time_budget_s": 3600,
         "val_images": 5000, "batch_size": 64, "lr": 1e-3, "warmup": 0.05, "weight_decay": 5e-5,
@@ -292,13 +295,17 @@ OPTION_HELP = {
 }
 
 
+#: Presets that continue a trained model: they need --init-from.
+FINE_TUNE_PRESETS = ("cpu-rho",)
+
 #: What each preset is for, in --help.
 PRESET_PURPOSE = {
     "seed": "the reference recipe: 50 epochs of Adam, Anderson, implicit backward (the defaults)",
     "fast": "the seed architecture on one GPU in a 270 s budget",
     "large": "one wider DEQ cell at 16x16 on one GPU in a 400 s budget",
     "cpu": "the large layout at 64/128 channels in 1.5 hours of a 2-core CPU",
-    "cpu-rho": "fine-tune a 'cpu' run (--init-from) for 1 hour, its spectral radius held in [0.78, 0.88]",
+    "cpu-rho": "fine-tune (--init-from) for 1 hour, pushing the spectral radius of df/dz into [0.78, 0.88]; "
+    "checkpoints/cpu's last stage",
 }
 
 
@@ -380,14 +387,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
         parser.error("--jac-reg and --jac-target must be finite numbers >= 0")
     if not (cfg.rho_reg >= 0 and math.isfinite(cfg.rho_reg)):
         parser.error("--rho-reg must be a finite number >= 0")
-    if not 0 <= cfg.rho_min <= cfg.rho_max:
+    if not (0 <= cfg.rho_min <= cfg.rho_max and math.isfinite(cfg.rho_min)):
         parser.error(
             f"--rho-min and --rho-max must satisfy 0 <= min <= max, got {cfg.rho_min} and {cfg.rho_max}"
         )
     if cfg.rho_iters < 1:
         parser.error("--rho-iters must be >= 1")
     if cfg.rho_reg > 0 and cfg.rho_min == 0 and not math.isfinite(cfg.rho_max):
-        parser.error("--rho-reg needs a band to hold the spectral radius in: set --rho-max or --rho-min")
+        parser.error(
+            "--rho-reg needs a band to push the spectral radius into: a finite --rho-max or --rho-min > 0"
+        )
+    if cfg.compile and (cfg.jac_reg > 0 or cfg.rho_reg > 0):
+        parser.error("--compile cannot be used with --jac-reg or --rho-reg: they differentiate twice")
+    if args.preset in FINE_TUNE_PRESETS and not cfg.init_from:
+        parser.error(f"--preset {args.preset} fine-tunes a trained model: give --init-from CHECKPOINT")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

@@ -50,7 +50,9 @@ def card_markdown(model: DEQClassifier, label: str = "") -> str:
         where = f" on {card['device']}" if card.get("device") else ""
         took = f" in {_fmt_duration(card['train_wall_time_s'])}" if card.get("train_wall_time_s") else ""
         data = f", {card['train_images']:,} training images" if card.get("train_images") else ""
-        lines.append(f"- Trained {done}{where}{took}{data}")
+        n_stages = len(lineage(card))
+        stage = f"Last of {n_stages} training stages: trained" if n_stages > 1 else "Trained"
+        lines.append(f"- {stage} {done}{where}{took}{data}")
         if card.get("finished") is False:
             lines.append("- ⚠️ training had not finished when this checkpoint was written")
     if card.get("command"):
@@ -145,8 +147,8 @@ def _spectral_radius_line(e) -> list[str]:
         images = f"{e['images']:,} {e.get('split', 'test')} images"
         return [f"- Spectral radius of df/dz at the equilibrium ({images}, "
                 f"{e['power_iterations']} power iterations{where}): median {e['median']:.2f}, "
-                f"p90 {e['p90']:.2f}: forward iteration shrinks the residual by about this factor per "
-                "f-evaluation near z*"]  # fmt: skip
+                f"p90 {e['p90']:.2f}: near z*, forward iteration multiplies the residual by about this "
+                "factor per f-evaluation (below 1 it converges)"]  # fmt: skip
     except (KeyError, TypeError, ValueError):
         return []  # a card from elsewhere with other fields: show nothing rather than fail
 

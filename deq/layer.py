@@ -128,7 +128,11 @@ class DEQFixedPoint(nn.Module):
         ``spectral_radius_iters`` > 0: also return, in ``info.spectral_radius``, each sample's
         spectral radius of df/dz at z* estimated with that many power iterations (the rate at
         which forward iteration converges), differentiable for a regulariser."""
-        if not isinstance(spectral_radius_iters, int) or spectral_radius_iters < 0:
+        if (
+            isinstance(spectral_radius_iters, bool)
+            or not isinstance(spectral_radius_iters, int)
+            or spectral_radius_iters < 0
+        ):
             raise ValueError(f"spectral_radius_iters must be an integer >= 0, got {spectral_radius_iters!r}")
         z_star, fstats = self.solve(x, z0)
         info = DEQInfo(forward=fstats)
@@ -184,23 +188,45 @@ def _jacobian_penalty(fz: Tensor, z: Tensor) -> Tensor:
     return vjp.float().pow(2).sum() / v.numel()
 
 
-def spectral_radius(fz: Tensor, z: Tensor, iters: int) -> Tensor:
+def spectral_radius(
+    fz: Tensor,
+    z: Tensor,
+    iters: int,
+    *,
+    average: int = 1,
+    differentiable: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """(B,) estimate of each sample's spectral radius of J = dfz/dz (fz, z: (B, ...), fz computed
     from z with a graph; samples must not interact in f), by power iteration on J^T (same
-    eigenvalues): ``iters - 1`` normalised vector-Jacobian products without a graph, then
-    ||v^T J|| / ||v|| with one, so the result is differentiable in f's parameters."""
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
+    eigenvalues) from a random start (drawn with ``generator``): ``iters`` normalised
+    vector-Jacobian products, the estimate being the geometric mean of the last ``average``
+    growth factors ||v^T J|| / ||v|| (steadier when the top eigenvalues are a complex pair or
+    close together). ``differentiable``: the last product has a graph, so the estimate is
+    differentiable in f's parameters (then ``average`` must be 1)."""
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    if isinstance(average, bool) or not isinstance(average, int) or not 1 <= average <= iters:
+        raise ValueError(f"average must be an integer in [1, iters], got {average!r}")
+    if differentiable and average != 1:
+        raise ValueError("average must be 1 when differentiable (only the last step has a graph)")
 
     def per_sample_norm(t: Tensor) -> Tensor:
-        return t.float().flatten(1).norm(dim=1)
+        return t.float().flatten(1).norm(dim=1).clamp_min(1e-12)
 
-    v = torch.randn_like(fz)
-    for _ in range(iters - 1):
-        (u,) = torch.autograd.grad(fz, z, v, retain_graph=True)
-        v = u / per_sample_norm(u).clamp_min(1e-12).to(u.dtype).view(-1, *[1] * (u.dim() - 1))
-    (u,) = torch.autograd.grad(fz, z, v.detach(), create_graph=True)
-    return per_sample_norm(u) / per_sample_norm(v).clamp_min(1e-12)
+    v = torch.randn(fz.shape, generator=generator, device=fz.device, dtype=fz.dtype)
+    v = v / per_sample_norm(v).to(v.dtype).view(-1, *[1] * (v.dim() - 1))
+    log_growth = []
+    for step in range(iters):
+        last = step == iters - 1
+        (u,) = torch.autograd.grad(fz, z, v.detach(), retain_graph=True, create_graph=last and differentiable)
+        growth = per_sample_norm(u)  # ||v|| = 1
+        if last and differentiable:
+            return growth
+        if step >= iters - average:
+            log_growth.append(growth.log())
+        v = u / growth.to(u.dtype).view(-1, *[1] * (u.dim() - 1))
+    return torch.stack(log_growth).mean(0).exp()
 
 
 def unroll(f: Callable[[Tensor, Tensor], Tensor], x: Tensor, n_iter: int) -> Tensor:

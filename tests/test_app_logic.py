@@ -596,6 +596,7 @@ def test_card_markdown_lists_a_fine_tuned_models_stages_and_total_time():
     assert lineage(model.card) == [first, second, model.card]
     assert total_train_wall_time_s(model.card) == 9900.0
     lines = card_markdown(model).splitlines()
+    assert "- Last of 3 training stages: trained 6.5 epochs in 60 min" in lines
     heading = "- Trained in 3 stages, each from the previous one's weights, 2.8 h (9,900 s) in all:"
     start = lines.index(heading)
     assert lines[start + 1 : start + 4] == [
@@ -606,8 +607,8 @@ def test_card_markdown_lists_a_fine_tuned_models_stages_and_total_time():
     model.card = first  # trained in one go: no stage list; the commit keeps its "+dirty" mark
     assert "stages" not in card_markdown(model) and lineage(first) == [first]
     assert "at commit `0123456789+dirty`" in card_markdown(model)
-    model.card = {**second, "init_from": {"checkpoint": "a", "card": {"epochs": "?"}}}  # garbled: nothing
-    assert "stages" not in card_markdown(model)
+    model.card = {**second, "init_from": {"checkpoint": "a", "card": {"epochs": "?"}}}  # garbled: no list
+    assert "- Trained in" not in card_markdown(model)
 
 
 def test_training_log_and_figures(tiny_checkpoint, tmp_path):

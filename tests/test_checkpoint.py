@@ -231,7 +231,7 @@ def test_spectral_radius_is_reported_per_image_and_recorded_in_the_card(saved, t
     from test_data import make_cifar_folder
 
     from deq.card import card_markdown
-    from deq.evaluate import SPECTRAL_RADIUS_ITERS, spectral_radii
+    from deq.evaluate import SPECTRAL_RADIUS_AVERAGE, SPECTRAL_RADIUS_ITERS, spectral_radii
     from deq.evaluate import main as evaluate_main
 
     model, path = saved
@@ -239,23 +239,27 @@ def test_spectral_radius_is_reported_per_image_and_recorded_in_the_card(saved, t
     images, _ = load_cifar10(data, "test")
     radii = spectral_radii(model, images, batch_size=7)
     assert radii.shape == (20,) and ((radii > 0) & (radii < 1)).all()  # a contractive cell
-    torch.manual_seed(0)
+    torch.testing.assert_close(spectral_radii(model, images, batch_size=7), radii, rtol=0, atol=0)  # seeded
     one_batch = spectral_radii(model, images, batch_size=20)
     torch.testing.assert_close(one_batch, radii, rtol=0.05, atol=0)  # per image, whatever the batch
+    with pytest.raises(ValueError, match="batch_size"):
+        spectral_radii(model, images, batch_size=0)
     with pytest.raises(ValueError, match="at least one image"):
         spectral_radii(model, images[:0])
 
     evaluate_main([str(path), "--data", str(data), "--spectral-radius", "--record"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["images"] == 20 and printed["power_iterations"] == SPECTRAL_RADIUS_ITERS
+    assert printed["averaged"] == SPECTRAL_RADIUS_AVERAGE and printed["seed"] == 0
     assert printed["p10"] <= printed["median"] <= printed["p90"] <= printed["max"] < 1
     assert printed["at_least_one"] == 0.0
     assert printed["median"] == pytest.approx(float(radii.median()), rel=0.05)
     card = load_model(path).card
     assert card["spectral_radius"] == printed and card["test_accuracy"] == 0.5  # nothing else changed
     assert f"median {printed['median']:.2f}" in card_markdown(load_model(path))
-    with pytest.raises(SystemExit):
-        evaluate_main([str(path), "--data", str(data), "--spectral-radius", "--curve"])
+    for extra in ("--curve", "--flip"):
+        with pytest.raises(SystemExit):
+            evaluate_main([str(path), "--data", str(data), "--spectral-radius", extra])
 
 
 def test_the_training_log_schema_reads_what_train_py_writes_and_refuses_the_rest():

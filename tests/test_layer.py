@@ -209,8 +209,14 @@ def test_spectral_radius_matches_the_eigenvalues_per_sample_and_is_differentiabl
     assert rho.detach().tolist() == pytest.approx([0.9, 0.45], rel=1e-3)
     rho.sum().backward()
     assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="iters"):
-        spectral_radius(fz, z, iters=0)
+    averaged = spectral_radius(fz, z, iters=60, average=10, differentiable=False)
+    assert not averaged.requires_grad and averaged.tolist() == pytest.approx([0.9, 0.45], rel=1e-3)
+    seeded = [spectral_radius(fz, z, 3, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(seeded[0], seeded[1])  # a seeded start: the same estimate each time
+    for bad in ({"iters": 0}, {"iters": True}, {"iters": 5, "average": 6, "differentiable": False},
+                {"iters": 5, "average": 2}):  # fmt: skip
+        with pytest.raises(ValueError, match="iters|average"):
+            spectral_radius(fz, z, **bad)
 
 
 def test_layer_returns_the_spectral_radius_when_asked():
@@ -228,5 +234,6 @@ def test_layer_returns_the_spectral_radius_when_asked():
     (z.sum() + info.spectral_radius.sum()).backward()
     assert cell.conv1.weight.grad is not None and torch.isfinite(x.grad).all()
     assert layer(x)[1].spectral_radius is None
-    with pytest.raises(ValueError, match="spectral_radius_iters"):
-        layer(x, spectral_radius_iters=-1)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="spectral_radius_iters"):
+            layer(x, spectral_radius_iters=bad)

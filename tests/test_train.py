@@ -398,6 +398,7 @@ def test_spectral_radius_band_penalises_the_distance_outside_it():
         assert float(loss.detach()) == pytest.approx(expected_loss, rel=1e-4, abs=1e-6)
     loss.backward()
     for bad in (["--rho-min", "0.9", "--rho-max", "0.5"], ["--rho-reg", "-1"], ["--rho-iters", "0"],
-                ["--rho-reg", "1", "--rho-max", "inf"]):  # fmt: skip
+                ["--rho-reg", "1", "--rho-max", "inf"], ["--rho-min", "inf", "--rho-max", "inf"],
+                ["--rho-reg", "1", "--compile"], ["--preset", "cpu-rho"]):  # fmt: skip
         with pytest.raises(SystemExit):
             train.parse_args(bad)
