@@ -722,9 +722,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batch_si
         norm.momentum = None  # cumulative average
     model.train()
     with torch.no_grad():
-        for x, _ in batches(
-            images, torch.zeros(len(images), dtype=torch.int64, device=images.device), batch_size
-        ):
+        for x, _ in batches(images, None, batch_size):
             model(x)
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum

@@ -86,7 +86,8 @@ def lineage(card: dict) -> list[dict]:
     stages = []
     while isinstance(card, dict) and len(stages) < 100:
         stages.append(card)
-        card = (card.get("init_from") or {}).get("card") if isinstance(card.get("init_from"), dict) else None
+        parent = card.get("init_from")
+        card = parent.get("card") if isinstance(parent, dict) else None
     return stages[::-1]
 
 

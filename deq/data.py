@@ -185,7 +185,7 @@ def augment(x: Tensor, generator: torch.Generator | None = None, pad: int = 4) -
 
 def batches(
     images: Tensor,
-    labels: Tensor,
+    labels: Tensor | None,
     batch_size: int,
     *,
     shuffle: bool = False,
@@ -194,11 +194,14 @@ def batches(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Float images in [0, 1] (B, 3, 32, 32) and labels, cut on the tensors' device.
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Float images in [0, 1] (B, 3, 32, 32) and labels (None without ``labels``), cut on the
+    tensors' device.
 
     With ``world_size > 1`` each rank gets its own interleaved shard of the (shuffled) order.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     n = images.shape[0]
     order = (
         torch.randperm(n, device=images.device, generator=generator)
@@ -212,4 +215,4 @@ def batches(
         x = images[idx].float().div_(255)
         if augment_data:
             x = augment(x, generator)
-        yield x, labels[idx]
+        yield x, None if labels is None else labels[idx]

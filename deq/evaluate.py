@@ -200,13 +200,10 @@ def spectral_radii(
     this factor per f-evaluation (below 1 it converges). Images (N, 3, 32, 32) in [0, 1]."""
     if len(images) == 0:
         raise ValueError("spectral_radii needs at least one image")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator(images.device).manual_seed(seed)
     model.eval()
     radii = []
-    no_labels = torch.zeros(len(images), dtype=torch.int64, device=images.device)
-    for x_images, _ in batches(images, no_labels, batch_size):
+    for x_images, _ in batches(images, None, batch_size):
         with torch.no_grad():
             x = model.inject(x_images)
             z_star, _ = model.deq.solve(x, solver="anderson", tol=tol, max_iter=max_iter)
@@ -217,7 +214,7 @@ def spectral_radii(
                 fz, z, iters, average=average, differentiable=False, generator=generator
             )
             radii.append(estimate.cpu())
-    return torch.cat(radii) if radii else torch.zeros(0)
+    return torch.cat(radii)
 
 
 def main(argv: list[str] | None = None) -> None:

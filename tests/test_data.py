@@ -107,6 +107,11 @@ def test_batches_cover_data_once_and_shard_across_ranks():
     assert sorted(torch.cat(shards).tolist()) == list(range(10)) and len(shards[0]) == 5
     x, y = next(batches(images, labels, 10))
     assert x.dtype == torch.float32 and torch.allclose(x[:, 0, 0, 0] * 255, y.float())
+    x_alone, no_labels = next(batches(images, None, 10))  # images only
+    assert no_labels is None and torch.equal(x_alone, x)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            next(batches(images, labels, bad))
 
 
 def test_augment_crops_and_flips_deterministically():
