@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .solvers import SolverStats, check_solver_kwargs, get_solver
+from .solvers import PerSample, SolverStats, check_solver_kwargs, get_solver, lookup
 
 __all__ = ["DEQFixedPoint", "DEQInfo", "BACKWARD_MODES", "spectral_radius"]
 
@@ -43,10 +44,16 @@ class DEQFixedPoint(nn.Module):
         backward_solver / backward_kwargs: solver of the implicit backward; by default the
             forward solver with the forward options.
         phantom_steps: number of f applications the phantom gradient goes through.
-        **solver_kwargs: options of the forward solver (tol, max_iter, m, beta, ...).
+        **solver_kwargs: options of the forward solver (tol, max_iter, m, beta, early_exit, ...).
 
     ``forward(x)`` returns (z*, DEQInfo). Under ``torch.no_grad()`` / ``inference_mode()``
     only the forward solve runs.
+
+    Early exit: a forward solve of a batch stops iterating each sample once it has converged and
+    evaluates f only on the rest (``early_exit``, for the solvers that take it). Unless set, it
+    is on in eval mode for batches of more than one sample and off in training mode. It needs a cell whose
+    samples do not interact: setting it on a cell with BatchNorm in training mode raises
+    ValueError. The backward solve never uses it.
     """
 
     def __init__(
@@ -66,8 +73,11 @@ class DEQFixedPoint(nn.Module):
             raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}")
         check_solver_kwargs(solver, solver_kwargs, "solver_kwargs")
         backward_solver = backward_solver or solver
+        if backward_kwargs is not None and backward_kwargs.get("early_exit"):
+            raise ValueError("backward_kwargs: early_exit is for the forward solve only")
         backward_kwargs = dict(solver_kwargs if backward_kwargs is None else backward_kwargs)
         backward_kwargs.pop("callback", None)
+        backward_kwargs.pop("early_exit", None)  # the backward solve's f is a VJP of the whole batch
         check_solver_kwargs(backward_solver, backward_kwargs, "backward_kwargs")
         self.f = f
         self.solver = solver
@@ -88,15 +98,22 @@ class DEQFixedPoint(nn.Module):
     ) -> tuple[Tensor, SolverStats]:
         """Forward solve only, without autograd. x: (B, C, H, W); returns z* (same shape).
 
-        ``solver`` and ``overrides`` (tol, beta, callback, ...) replace the layer's settings
-        for this call only. ``observe(fz)``, if given, sees the output f(z) (B, C, H, W) of every
-        f-evaluation, before the solver uses it (e.g. to decode the answer along the solve).
+        ``solver`` and ``overrides`` (tol, beta, callback, early_exit, ...) replace the layer's
+        settings for this call only. ``observe(fz)``, if given, sees the output f(z) (B', C, H, W)
+        of every f-evaluation, before the solver uses it (e.g. to decode the answer along the
+        solve; with early exit B' is the number of samples still iterating, so early exit is off
+        by default when ``observe`` is given).
         """
         if observe is not None and not callable(observe):
             raise ValueError(f"observe must be callable, got {type(observe).__name__}")
         name = solver or self.solver
         kwargs = {**self.solver_kwargs, **overrides} if name == self.solver else dict(overrides)
+        requested = kwargs.pop("early_exit", None)
         check_solver_kwargs(name, kwargs, "solver options")
+        if lookup(name).supports_early_exit:
+            kwargs["early_exit"] = self._early_exit(requested, x.shape[0], observe)
+        elif requested:
+            raise ValueError(f"early_exit: solver {name!r} does not take it")
         # Under autocast, f keeps the caller's mixed precision but the solver's own arithmetic
         # (iterates, Gram matrices, small solves) stays in at least float32.
         device = x.device.type
@@ -105,7 +122,7 @@ class DEQFixedPoint(nn.Module):
         z0 = torch.zeros_like(x, dtype=state_dtype) if z0 is None else z0.to(state_dtype)
         amp_dtype = torch.get_autocast_dtype(device)
 
-        def f(z: Tensor) -> Tensor:
+        def cell(z: Tensor, x: Tensor) -> Tensor:
             with torch.autocast(device, dtype=amp_dtype, enabled=amp):
                 fz = self.f(z, x).to(state_dtype)
             if observe is not None:
@@ -113,7 +130,21 @@ class DEQFixedPoint(nn.Module):
             return fz
 
         with torch.no_grad(), torch.autocast(device, enabled=False):
-            return get_solver(name)(f, z0, **kwargs)
+            return get_solver(name)(PerSample(cell, x), z0, **kwargs)
+
+    def _early_exit(self, requested: bool | None, batch: int, observe) -> bool:
+        """Whether this forward solve retires converged samples (see the class docstring)."""
+        if requested is not None and not isinstance(requested, bool):
+            raise ValueError(f"early_exit must be True, False or None (automatic), got {requested!r}")
+        mixing = [type(m).__name__ for m in self.f.modules() if isinstance(m, _BatchNorm) and m.training]
+        if requested and mixing:
+            raise ValueError(
+                f"early_exit=True: the cell's {mixing[0]} in training mode mixes the samples of a batch, "
+                "so a sample's f(z) would change as others leave it (use eval mode, or early_exit=False)"
+            )
+        if requested is not None:
+            return requested
+        return batch > 1 and observe is None and not self.training and not mixing
 
     def forward(
         self,

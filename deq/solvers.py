@@ -42,6 +42,7 @@ __all__ = [
     "SolverStats",
     "Solver",
     "Monitor",
+    "PerSample",
     "anderson",
     "forward_iteration",
     "broyden",
@@ -52,6 +53,7 @@ __all__ = [
     "get_solver",
     "check_solver_kwargs",
     "COMMON_OPTIONS",
+    "OPTIONAL_OPTIONS",
 ]
 
 Callback = Callable[[int, float], None]
@@ -72,6 +74,7 @@ class SolverStats:
     sample_evals: (B,) int64, per sample the f-evaluations it needed to reach ``tol`` (what it
         needs solved alone: samples never interact), or ``max_iter`` where it did not converge,
         also when the batch's solve stopped early (a divergence elsewhere cut it short).
+    early_exit: whether converged samples were retired from the solve (``Monitor``).
     """
 
     solver: str
@@ -82,6 +85,7 @@ class SolverStats:
     converged: bool
     diverged: bool
     message: str
+    early_exit: bool = False
 
     @property
     def residual(self) -> float:
@@ -114,65 +118,131 @@ def _check_z0(z0: Tensor) -> None:
         raise ValueError("z0 must be a floating-point tensor of shape (B, ...)")
 
 
+class PerSample:
+    """f(z) = fn(z, *inputs) for a function whose sample b depends only on sample b of z and of
+    each input (all of shape (B, ...)): a solver may then evaluate it on a subset of the batch.
+    Solvers stop iterating converged samples (``early_exit=True``) only for an f of this kind."""
+
+    __slots__ = ("fn", "inputs")
+
+    def __init__(self, fn: Callable[..., Tensor], *inputs: Tensor):
+        self.fn = fn
+        self.inputs = inputs
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self.fn(z, *self.inputs)
+
+    def select(self, index: Tensor) -> PerSample:
+        """The same function on the samples ``index`` (int64, (B',)) of the current batch."""
+        return PerSample(self.fn, *(t.index_select(0, index) for t in self.inputs))
+
+
+def _check_early_exit(f, early_exit: bool) -> None:
+    if not isinstance(early_exit, bool):
+        raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
+    if early_exit and not isinstance(f, PerSample):
+        raise ValueError(
+            "early_exit=True needs f as deq.solvers.PerSample(fn, *inputs), so that the solver can "
+            f"evaluate it on the samples not yet converged; got {type(f).__name__}"
+        )
+
+
 class Monitor:
-    """Residuals, best iterate, stopping rules and stats: the part every solver shares, and
-    what a new solver builds on::
+    """Residuals, best iterate, stopping rules, early exit and stats: the part every solver
+    shares, and what a new solver builds on::
 
         mon = Monitor(z0, tol, max_iter, callback, check_every)
         z = mon.z0                                   # (B, D), flattened
         for n in range(1, max_iter + 1):
-            fz = f(z.view(mon.shape)).reshape(z.shape)
+            fz = f(z.view(mon.view_shape)).reshape(z.shape)
             if mon.observe(z, fz) or n == max_iter:  # True: converged or diverged
                 break
             z = ...                                  # the solver's own step
         return mon.finish("name", n)                 # (z* of z0's shape, SolverStats)
+
+    With ``early_exit=True`` a check may retire the samples that have converged: ``mon.keep``
+    is then the int64 index of the samples that go on (else None), and the solver narrows its
+    own state and f to them (``t.index_select(0, keep)``, ``f.select(keep)``) before its step.
+    ``finish`` puts every sample back in its place.
+
+    On the CPU the per-sample bookkeeping runs on the host (a copy to the host costs nothing
+    there, and each small tensor operation saved is ~2 us); on other devices it stays on the
+    device, and only ``check_every``-th iterations wait for it.
     """
 
-    def __init__(self, z0: Tensor, tol: float, max_iter: int, callback, check_every):
+    def __init__(self, z0: Tensor, tol: float, max_iter: int, callback, check_every, *, early_exit=False):
         """Validates the common arguments; z0: (B, ...), kept flattened as ``self.z0`` (B, D)."""
         _check_z0(z0)
         _validate(tol, max_iter, check_every, callback)
+        if not isinstance(early_exit, bool):
+            raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
         self.shape = z0.shape
-        batch = z0.shape[0]
+        self.view_shape = (-1, *z0.shape[1:])  # of the samples still iterating
+        self.batch = batch = z0.shape[0]
         z0 = self.z0 = z0.reshape(batch, -1)
         self.tol = tol
+        self.max_iter = max_iter
         self.callback = callback
         if check_every is None:
             check_every = 4 if z0.is_cuda else 1
         self.check_every = 1 if callback is not None else check_every
-        # Per-sample residual history (max_iter, B): one row copy per iteration; the batch
-        # trace and the per-sample f-evaluation counts are read off it once, at the end.
-        self.history = torch.empty(max_iter, batch, dtype=z0.dtype, device=z0.device)
-        self.on_cpu = z0.device.type == "cpu"
+        self.early_exit = early_exit
+        self.on_host = z0.device.type == "cpu"
         self.best_z = z0
-        self.best_res = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
+        if self.on_host:
+            self.best: list[float] = [math.inf] * batch
+        else:
+            self.best_res = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
+        # One (B',) residual row per iteration (host lists or device tensors); the batch trace
+        # and the per-sample f-evaluation counts are read off them once, at the end.
+        self.rows: list = []
+        self.segments: list[tuple[int, Tensor]] = []  # (first row, samples) after each retirement
+        self.index: Tensor | None = None  # samples still iterating (None: all of them)
+        self.keep: Tensor | None = None
         self.count = 0
         self.converged = False
         self.diverged = False
         self.message = ""
 
-    def observe(self, z: Tensor, fz: Tensor, gz: Tensor | None = None) -> bool:
-        """Record iterate z (B, D) with f(z) and g = f(z) - z; return True to stop."""
-        if gz is None:
-            gz = fz - z
-        res = gz.norm(dim=1).div_(fz.norm(dim=1).clamp_min_(_EPS)).nan_to_num_(nan=math.inf)
+    def observe(self, z: Tensor, fz: Tensor, gz: Tensor | None = None, *, g_sqnorm: Tensor | None = None) -> bool:
+        """Record iterate z (B, D) with f(z) and g = f(z) - z (or just its squared norms
+        ``g_sqnorm`` (B,), when the solver has them); return True to stop."""
+        self.keep = None
+        if g_sqnorm is not None:
+            g_norm = g_sqnorm.sqrt()
+        else:
+            g_norm = torch.linalg.vector_norm(fz - z if gz is None else gz, dim=1)
+        fz_norm = torch.linalg.vector_norm(fz, dim=1).clamp_min_(_EPS)
+        res = g_norm.div_(fz_norm).nan_to_num_(nan=math.inf)
+        self.count += 1
+        if self.on_host:
+            current = res.tolist()
+            improved = [r < b for r, b in zip(current, self.best, strict=True)]
+            if all(improved):
+                self.best_z = z  # no copy: solvers never modify an iterate in place
+                self.best = current
+            elif any(improved):
+                mask = torch.tensor(improved, device=z.device).unsqueeze(1)
+                self.best_z = torch.where(mask, z, self.best_z)
+                self.best = [min(r, b) for r, b in zip(current, self.best, strict=True)]
+            self.rows.append(current)
+            if self.callback is not None:
+                self.callback(self.count - 1, max(current))
+            if self.count % self.check_every:
+                return False
+            return self._check(current, self.best)
         improved = res < self.best_res
         self.best_res = torch.minimum(res, self.best_res)
-        if self.on_cpu and bool(improved.all()):
-            self.best_z = z  # no copy: solvers never modify an iterate in place
-        else:
-            self.best_z = torch.where(improved.unsqueeze(1), z, self.best_z)
-        self.history[self.count] = res
-        self.count += 1
+        self.best_z = torch.where(improved.unsqueeze(1), z, self.best_z)
+        self.rows.append(res)
         if self.callback is not None:
             self.callback(self.count - 1, float(res.max()))
         if self.count % self.check_every:
             return False
-        return self._check(res)
+        current, best = torch.stack((res, self.best_res)).tolist()  # the loop's one wait
+        return self._check(current, best)
 
-    def _check(self, res: Tensor) -> bool:
-        """The only place the loop waits for the device: one small copy to the host."""
-        current, best = torch.stack((res, self.best_res)).tolist()
+    def _check(self, current: list[float], best: list[float]) -> bool:
         if all(b < self.tol for b in best):
             self.converged = True
             self.message = f"converged: residual < tol={self.tol:g}"
@@ -184,34 +254,90 @@ class Monitor:
             self.message = (
                 f"diverged: residual grew over {DIVERGENCE_FACTOR:g}x its best at iteration {self.count - 1}"
             )
+        elif self.early_exit and any(b < self.tol for b in best):
+            self._retire([i for i, b in enumerate(best) if not b < self.tol])
         return self.converged or self.diverged
 
+    def _retire(self, going_on: list[int]) -> None:
+        """Set aside the converged samples' results; the others (local indices) go on."""
+        device = self.best_z.device
+        done = torch.tensor([i for i in range(self.best_z.shape[0]) if i not in set(going_on)], device=device)
+        keep = torch.tensor(going_on, device=device)
+        if self.index is None:
+            self.index = torch.arange(self.batch, device=device)
+            self.out_z = torch.empty((self.batch, self.best_z.shape[1]), dtype=self.best_z.dtype, device=device)
+            self.out_res = torch.empty(self.batch, dtype=self.best_z.dtype, device=device)
+        finished = self.index[done]
+        self.out_z[finished] = self.best_z[done]
+        self.out_res[finished] = self._best_tensor()[done]
+        self.best_z = self.best_z[keep]
+        if self.on_host:
+            self.best = [self.best[i] for i in going_on]
+        else:
+            self.best_res = self.best_res[keep]
+        self.index = self.index[keep]
+        self.segments.append((self.count, self.index))
+        self.keep = keep
+
+    def _best_tensor(self) -> Tensor:
+        if self.on_host:
+            return torch.tensor(self.best, dtype=self.best_z.dtype)
+        return self.best_res
+
+    def _rows_tensor(self, rows: list) -> Tensor:
+        if self.on_host:
+            return torch.tensor(rows, dtype=self.best_z.dtype).view(len(rows), -1)
+        return torch.stack(rows)
+
+    def _history(self, final_res: Tensor) -> Tensor:
+        """(iterations, B) residuals; a retired sample keeps its final residual from then on."""
+        if not self.segments:
+            return self._rows_tensor(self.rows)
+        history = final_res.expand(self.count, self.batch).clone()
+        starts = [0, *(start for start, _ in self.segments)]
+        ends = [*starts[1:], self.count]
+        samples = [None, *(index for _, index in self.segments)]
+        for start, end, index in zip(starts, ends, samples, strict=True):
+            if end > start:
+                block = self._rows_tensor(self.rows[start:end])
+                if index is None:
+                    history[start:end] = block
+                else:
+                    history[start:end, index] = block
+        return history
+
     def finish(self, name: str, n_evals: int) -> tuple[Tensor, SolverStats]:
-        history = self.history[: self.count]
+        best_z, best_res = self.best_z, self._best_tensor()
+        if self.index is not None:
+            self.out_z[self.index] = best_z
+            self.out_res[self.index] = best_res
+            best_z, best_res = self.out_z, self.out_res
+        history = self._history(best_res)
         trace = history.amax(1).tolist()  # the one host copy of the loop
         below = history < self.tol
         first = below.to(torch.int8).argmax(0) + 1  # f-evaluations to the first iterate below tol
-        sample_evals = torch.where(below.any(0), first, len(self.history)).to(torch.int64)
+        sample_evals = torch.where(below.any(0), first, self.max_iter).to(torch.int64)
         if not self.message:
-            self.converged = bool((self.best_res < self.tol).all())
+            self.converged = bool((best_res < self.tol).all())
             if self.converged:
                 self.message = f"converged: residual < tol={self.tol:g}"
             else:
                 self.message = (
                     f"not converged in {self.count} f-evaluations: "
-                    f"residual {float(self.best_res.max()):.3g} > tol={self.tol:g}"
+                    f"residual {float(best_res.max()):.3g} > tol={self.tol:g}"
                 )
         stats = SolverStats(
             solver=name,
             trace=trace,
-            sample_residuals=self.best_res.detach(),
+            sample_residuals=best_res.detach(),
             sample_evals=sample_evals,
             n_evals=n_evals,
             converged=self.converged,
             diverged=self.diverged,
             message=self.message,
+            early_exit=self.early_exit,
         )
-        return self.best_z.reshape(self.shape), stats
+        return best_z.reshape(self.shape), stats
 
 
 def forward_iteration(
@@ -222,16 +348,20 @@ def forward_iteration(
     max_iter: int = 50,
     callback: Callback | None = None,
     check_every: int | None = None,
+    early_exit: bool = False,
 ) -> tuple[Tensor, SolverStats]:
     """Plain fixed-point iteration z_{k+1} = f(z_k). z0: (B, ...); returns z* of the same shape."""
-    mon = Monitor(z0, tol, max_iter, callback, check_every)
-    z, shape = mon.z0, mon.shape
+    _check_early_exit(f, early_exit)
+    mon = Monitor(z0, tol, max_iter, callback, check_every, early_exit=early_exit)
+    z = mon.z0
     n_evals = 0
     for _ in range(max_iter):
-        fz = f(z.view(shape)).reshape(z.shape)
+        fz = f(z.view(mon.view_shape)).reshape(z.shape)
         n_evals += 1
         if mon.observe(z, fz) or n_evals == max_iter:
             break
+        if (keep := mon.keep) is not None:
+            f, fz = f.select(keep), fz.index_select(0, keep)
         z = fz
     return mon.finish("forward", n_evals)
 
@@ -247,6 +377,7 @@ def anderson(
     beta: float = 1.0,
     callback: Callback | None = None,
     check_every: int | None = None,
+    early_exit: bool = False,
 ) -> tuple[Tensor, SolverStats]:
     """Anderson acceleration with memory m, regulariser lam and mixing beta.
 
@@ -255,38 +386,63 @@ def anderson(
     z = sum alpha_i (z_i + beta g_i) = beta sum alpha_i f(z_i) + (1 - beta) sum alpha_i z_i.
     lam is relative to the newest squared residual (lam' = lam * ||g_k||^2), so the step does
     not depend on the scale of z and tight float64 solves are not stalled by the regulariser.
-    The Gram matrix G G^T is updated one row per iteration, not recomputed.
+    The Gram matrix G G^T is updated one row per iteration, not recomputed; its new diagonal
+    entry ||g_k||^2 is also the residual's numerator.
     """
     _validate_anderson(m, lam, beta)
-    mon = Monitor(z0, tol, max_iter, callback, check_every)
-    z, shape = mon.z0, mon.shape
-    (batch, dim), kw = z.shape, {"dtype": z.dtype, "device": z.device}
-    G = torch.zeros(batch, m, dim, **kw)  # residuals g_i = f(z_i) - z_i
-    Y = torch.zeros(batch, m, dim, **kw)  # z_i + beta * g_i: the next z is sum_i alpha_i Y_i
-    gram = torch.zeros(batch, m, m, **kw)  # G G^T, one row/column updated per iteration
-    ones = torch.ones(batch, m, 1, **kw)
+    _check_early_exit(f, early_exit)
+    mon = Monitor(z0, tol, max_iter, callback, check_every, early_exit=early_exit)
+    z = mon.z0
+    kw = {"dtype": z.dtype, "device": z.device}
+    G = torch.empty(z.shape[0], m, z.shape[1], **kw)  # residuals g_i = f(z_i) - z_i
+    Y = torch.empty_like(G)  # z_i + beta * g_i: the next z is sum_i alpha_i Y_i
+    gram = torch.zeros(z.shape[0], m, m, **kw)  # G G^T, one row/column updated per iteration
+    lam_eye = lam * torch.eye(m, **kw)
+    ones = torch.ones(1, m, 1, **kw)
+    views = _AndersonViews(G, Y, gram)
 
     n_evals = 0
     for k in range(max_iter):
-        fz = f(z.view(shape)).reshape(z.shape)
+        fz = f(z.view(mon.view_shape)).reshape(z.shape)
         n_evals += 1
         slot, n = k % m, min(k + 1, m)
-        g = torch.sub(fz, z, out=G[:, slot])
-        if mon.observe(z, fz, g) or n_evals == max_iter:
-            break
-        torch.add(z, g, alpha=beta, out=Y[:, slot])
+        g = torch.sub(fz, z, out=views.G_slot[slot])
         # g^T G^T rather than G g: the same numbers, several times faster on CPU.
-        row = torch.bmm(g.unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)  # (B, n)
-        gram[:, slot, :n] = row
-        gram[:, :n, slot] = row
+        row = torch.bmm(g.unsqueeze(1), views.Gt[n]).squeeze(1)  # (B, n); row[:, slot] = ||g||^2
+        if mon.observe(z, fz, g_sqnorm=row[:, slot]) or n_evals == max_iter:
+            break
+        if (keep := mon.keep) is not None:
+            f = f.select(keep)
+            z, fz, row, G, Y, gram = (t.index_select(0, keep) for t in (z, fz, row, G, Y, gram))
+            views = _AndersonViews(G, Y, gram)
+        if beta == 1:
+            views.Y_slot[slot].copy_(fz)
+        else:
+            torch.add(z, views.G_slot[slot], alpha=beta, out=views.Y_slot[slot])
+        views.gram_row[slot][n].copy_(row)
+        views.gram_col[slot][n].copy_(row)
         # The bordered least-squares system [[0, 1^T], [1, H]] has the closed form
-        # alpha = H^-1 1 / (1^T H^-1 1).
-        H = gram[:, :n, :n] / row[:, slot, None, None].clamp_min(_EPS)
-        H.diagonal(dim1=1, dim2=2).add_(lam)
+        # alpha = H^-1 1 / (1^T H^-1 1), with H = G G^T / ||g_k||^2 + lam I.
+        H = torch.addcdiv(lam_eye[:n, :n], views.gram[n], row[:, slot].clamp_min(_EPS).view(-1, 1, 1))
         w = torch.linalg.solve_ex(H, ones[:, :n])[0]  # (B, n, 1); no host sync
-        alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
-        z = torch.bmm(alpha, Y[:, :n]).squeeze(1)
+        alpha = w.div_(w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
+        z = torch.bmm(alpha, views.Y[n]).squeeze(1)
     return mon.finish("anderson", n_evals)
+
+
+class _AndersonViews:
+    """Anderson's per-slot and first-n views of its buffers, made once per batch (slicing
+    costs a dispatch per use, and the loop's own operations are few)."""
+
+    def __init__(self, G: Tensor, Y: Tensor, gram: Tensor):
+        m = G.shape[1]
+        self.G_slot = [G[:, i] for i in range(m)]
+        self.Y_slot = [Y[:, i] for i in range(m)]
+        self.Gt = [None, *(G[:, :n].transpose(1, 2) for n in range(1, m + 1))]
+        self.Y = [None, *(Y[:, :n] for n in range(1, m + 1))]
+        self.gram = [None, *(gram[:, :n, :n] for n in range(1, m + 1))]
+        self.gram_row = [[None, *(gram[:, i, :n] for n in range(1, m + 1))] for i in range(m)]
+        self.gram_col = [[None, *(gram[:, :n, i] for n in range(1, m + 1))] for i in range(m)]
 
 
 def broyden(
@@ -297,14 +453,17 @@ def broyden(
     max_iter: int = 50,
     callback: Callback | None = None,
     check_every: int | None = None,
+    early_exit: bool = False,
 ) -> tuple[Tensor, SolverStats]:
     """Broyden's ("good") method on g(z) = f(z) - z, per sample, without line search.
 
-    The inverse Jacobian of g is kept as -I + sum_i u_i v_i^T (rank grows by one per
-    iteration, up to max_iter - 1; memory 2 * B * max_iter * D).
+    The inverse Jacobian of g is kept as H = -I + sum_i u_i v_i^T (rank grows by one per
+    iteration, up to max_iter - 1; memory 2 * B * max_iter * D). Each iteration applies H and
+    H^T once (the next step reuses H g_k = -step_k: H g_{k+1} = -step_k + H (g_{k+1} - g_k)).
     """
-    mon = Monitor(z0, tol, max_iter, callback, check_every)
-    z, shape = mon.z0, mon.shape
+    _check_early_exit(f, early_exit)
+    mon = Monitor(z0, tol, max_iter, callback, check_every, early_exit=early_exit)
+    z = mon.z0
     # Rank-r update vectors, in buffers that double when full (max_iter can be large).
     U = z.new_zeros(z.shape[0], min(max_iter, 8), z.shape[1])
     V = torch.zeros_like(U)
@@ -315,29 +474,35 @@ def broyden(
     def inv_jac_t(x: Tensor, r: int) -> Tensor:  # (-I + V^T U) x
         return x.unsqueeze(1).bmm(U[:, :r].transpose(1, 2)).bmm(V[:, :r]).squeeze(1) - x
 
-    fz = f(z.view(shape)).reshape(z.shape)
+    fz = f(z.view(mon.view_shape)).reshape(z.shape)
     n_evals = 1
     g = fz - z
     if not (mon.observe(z, fz, g) or max_iter == 1):
-        step = g  # -(-I) g
+        if (keep := mon.keep) is not None:
+            f, z, g = f.select(keep), z.index_select(0, keep), g.index_select(0, keep)
+        step = g  # -H_0 g = g
         for r in range(max_iter - 1):
             z = z + step
-            fz = f(z.view(shape)).reshape(z.shape)
+            fz = f(z.view(mon.view_shape)).reshape(z.shape)
             n_evals += 1
             g_new = fz - z
             if mon.observe(z, fz, g_new) or n_evals == max_iter:
                 break
-            dg, g = g_new - g, g_new
+            if (keep := mon.keep) is not None:
+                f = f.select(keep)
+                z, g, g_new, step, U, V = (t.index_select(0, keep) for t in (z, g, g_new, step, U, V))
+            h_dg = inv_jac(g_new - g, r)
             v = inv_jac_t(step, r)
-            denom = (v * dg).sum(1, keepdim=True)
+            denom = torch.linalg.vecdot(v, g_new - g).unsqueeze(1)
             safe = denom.abs() > _EPS
-            u = (step - inv_jac(dg, r)) / torch.where(safe, denom, torch.ones_like(denom))
+            u = (step - h_dg) / torch.where(safe, denom, torch.ones_like(denom))
             if r == U.shape[1]:
                 U = torch.cat((U, torch.zeros_like(U)), 1)
                 V = torch.cat((V, torch.zeros_like(V)), 1)
-            U[:, r] = u * safe
-            V[:, r] = v * safe
-            step = -inv_jac(g, r + 1)
+            u, v = U[:, r].copy_(u * safe), V[:, r].copy_(v * safe)
+            # -H_{r+1} g_new = -(H_r g + H_r dg) - u (v . g_new), with H_r g = -step
+            step = step - h_dg - u * torch.linalg.vecdot(v, g_new).unsqueeze(1)
+            g = g_new
     return mon.finish("broyden", n_evals)
 
 
@@ -347,6 +512,9 @@ SolverFn = Callable[..., tuple[Tensor, SolverStats]]
 #: Options every solver takes; the layer and the apps set them per call. The rest of a solver's
 #: keyword-only options are its own (Anderson's m, lam, beta).
 COMMON_OPTIONS = ("tol", "max_iter", "callback", "check_every")
+#: Options a solver may take, beyond its own: ``early_exit`` (stop iterating converged samples,
+#: see ``Monitor``); the layer sets it per call for the solvers that take it.
+OPTIONAL_OPTIONS = ("early_exit",)
 
 
 @dataclass(frozen=True)
@@ -371,8 +539,13 @@ class Solver:
 
     @property
     def own_defaults(self) -> dict:
-        """The options this solver takes beyond COMMON_OPTIONS, with their defaults."""
-        return {k: v for k, v in self.defaults.items() if k not in COMMON_OPTIONS}
+        """The options this solver takes beyond COMMON_OPTIONS and OPTIONAL_OPTIONS, with their defaults."""
+        return {k: v for k, v in self.defaults.items() if k not in COMMON_OPTIONS + OPTIONAL_OPTIONS}
+
+    @property
+    def supports_early_exit(self) -> bool:
+        """Whether it takes ``early_exit`` (stops iterating the samples that have converged)."""
+        return "early_exit" in self.defaults
 
     @property
     def own_options(self) -> tuple[str, ...]:
@@ -392,6 +565,8 @@ class Solver:
         opts = {**accepted, **options}
         try:
             _validate(opts["tol"], opts["max_iter"], opts["check_every"], opts["callback"])
+            if not isinstance(opts.get("early_exit", False), bool):
+                raise ValueError(f"early_exit must be True or False, got {opts['early_exit']!r}")
             if self.validate is not None:
                 self.validate(**{k: opts[k] for k in self.own_options})
         except ValueError as err:
