@@ -13,9 +13,11 @@ batch never interact): the report gives their mean, median and 90th percentile.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -66,18 +68,26 @@ def evaluate(
     **solver_overrides,
 ) -> dict:
     """Sums over the set: loss, correct, n, forward residual and f-evaluations (per image),
-    converged images; and ``sample_evals``, each image's f-evaluations (N,) int64 on the CPU.
+    converged images, ``solve_s`` (wall time of the model calls, data cutting excluded) and
+    ``early_exit`` (whether the solves retired converged images); and ``sample_evals``, each
+    image's f-evaluations (N,) int64 on the CPU, and ``predictions`` (N,) int64 on the CPU.
     ``flip`` averages the logits of each image and its mirror (the counts are the plain view's)."""
     model.eval()
     device = images.device.type
-    sums = {"loss": 0.0, "correct": 0, "n": 0, "f_res": 0.0, "f_evals": 0, "converged": 0}
-    per_image = []
+    sums = {"loss": 0.0, "correct": 0, "n": 0, "f_res": 0.0, "f_evals": 0, "converged": 0, "solve_s": 0.0}
+    per_image, predictions, early_exit = [], [], False
     tol = solver_overrides.get("tol", model.deq.solver_kwargs.get("tol", 1e-2))
     for x, y in batches(images, labels, batch_size):
+        _synchronize(images.device)
+        start = time.perf_counter()
         with torch.autocast(device, torch.bfloat16, enabled=amp):
             logits, stats = model.predict(x, **solver_overrides)
             if flip:
                 logits = (logits.float() + model.predict(x.flip(3), **solver_overrides)[0].float()) / 2
+        _synchronize(images.device)
+        sums["solve_s"] += time.perf_counter() - start
+        early_exit |= stats.early_exit
+        predictions.append(logits.argmax(1).cpu())
         sums["loss"] += F.cross_entropy(logits.float(), y, reduction="sum").item()
         sums["correct"] += int((logits.argmax(1) == y).sum())
         sums["n"] += len(y)
@@ -85,8 +95,16 @@ def evaluate(
         sums["f_evals"] += int(stats.sample_evals.sum())
         sums["converged"] += int((stats.sample_residuals < tol).sum())
         per_image.append(stats.sample_evals.cpu())
-    sums["sample_evals"] = torch.cat(per_image) if per_image else torch.zeros(0, dtype=torch.int64)
+    empty = torch.zeros(0, dtype=torch.int64)
+    sums["sample_evals"] = torch.cat(per_image) if per_image else empty
+    sums["predictions"] = torch.cat(predictions) if predictions else empty
+    sums["early_exit"] = early_exit
     return sums
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def report(sums: dict) -> dict:
@@ -101,6 +119,10 @@ def report(sums: dict) -> dict:
         "median_f_evals": float(evals.median()),
         "p90_f_evals": float(evals.quantile(0.9)),
         "converged_fraction": sums["converged"] / n,
+        "early_exit": sums["early_exit"],
+        "images_per_s": n / sums["solve_s"] if sums["solve_s"] > 0 else None,
+        # two runs predicted the same class for every image iff their digests are equal
+        "predictions_digest": hashlib.sha256(sums["predictions"].numpy().tobytes()).hexdigest()[:16],
     }
 
 
@@ -124,13 +146,15 @@ def evaluate_checkpoint(
     tol: float | None = None,
     max_iter: int | None = None,
     flip: bool | None = None,
+    early_exit: bool | None = None,
     batch_size: int = 100,
     record: bool = False,
     headline: bool = False,
 ) -> dict:
     """Evaluate a loaded checkpoint on (images, labels) and report it; with ``record``, the report
     goes into the checkpoint's card (``headline``: also as the card's test accuracy).
-    Unset solver options are the model's own; ``flip`` defaults to how it was trained."""
+    Unset solver options are the model's own; ``flip`` defaults to how it was trained;
+    ``early_exit`` None leaves it to the layer (on for batches in eval mode)."""
     own = model.deq.solver_kwargs
     overrides = {
         "solver": solver or model.deq.solver,
@@ -140,14 +164,16 @@ def evaluate_checkpoint(
     flip = flip if flip is not None else bool(model.card.get("train_config", {}).get("test_flip"))
     if len(labels) == 0:
         raise ValueError(f"no images to evaluate in split {split!r}")
-    s = evaluate(model, images, labels, batch_size=batch_size, flip=flip, **overrides)
-    result = {"split": split, "solver": overrides, "flip": flip, **report(s),
+    exit_option = {} if early_exit is None else {"early_exit": early_exit}
+    s = evaluate(model, images, labels, batch_size=batch_size, flip=flip, **overrides, **exit_option)
+    result = {"split": split, "solver": overrides, "flip": flip, "batch_size": batch_size, **report(s),
               "device": device_label(images.device), "command": command}  # fmt: skip
     if record:  # a new report replaces the one made the same way (same settings, data, device)
-        same = ("split", "solver", "flip", "images", "device")
+        same = ("split", "solver", "flip", "images", "device", "early_exit")
+        older = {"early_exit": False}  # reports older than early exit ran without it
         evaluations = [
             e for e in model.card.get("evaluations", [])
-            if tuple(e.get(k) for k in same) != tuple(result[k] for k in same)
+            if tuple(e.get(k, older.get(k)) for k in same) != tuple(result[k] for k in same)
         ]  # fmt: skip
         headline_fields = {"test_accuracy": result["accuracy"], "test_images": s["n"]} if headline else {}
         model.card = update_card(checkpoint, evaluations=[*evaluations, result], **headline_fields)
@@ -251,6 +277,13 @@ def main(argv: list[str] | None = None) -> None:
         help="average each image's logits with its mirror's (default: as in training)",
     )
     parser.add_argument(
+        "--early-exit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stop iterating each image once it has converged (default: on; the report's "
+        "images_per_s is the solves' throughput, predictions_digest compares two runs' answers)",
+    )
+    parser.add_argument(
         "--curve",
         action="store_true",
         help="instead of one evaluation: accuracy at each solver budget "
@@ -293,9 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     images, labels = images.to(args.device), labels.to(args.device)
     command = " ".join(["python -m deq.evaluate", *(sys.argv[1:] if argv is None else argv)])
     if args.spectral_radius:
-        if args.curve or args.solver or args.headline or args.flip is not None:
+        if args.curve or args.solver or args.headline or args.flip is not None or args.early_exit is not None:
             parser.error(
-                "--spectral-radius solves with Anderson itself: drop --curve/--solver/--headline/--flip"
+                "--spectral-radius solves with Anderson itself: "
+                "drop --curve/--solver/--headline/--flip/--early-exit"
             )
         tol = 1e-4 if args.tol is None else args.tol
         max_iter = 100 if args.max_iter is None else args.max_iter
@@ -311,8 +345,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result, indent=2))
         return
     if args.curve:
-        if args.solver or args.max_iter or args.headline:
-            parser.error("--curve sets the solvers and budgets itself: drop --solver/--max-iter/--headline")
+        if args.solver or args.max_iter or args.headline or args.early_exit is not None:
+            parser.error(
+                "--curve sets the solvers and budgets itself: "
+                "drop --solver/--max-iter/--headline/--early-exit"
+            )
         curve = budget_curve(model, images, labels, tol=args.tol or 1e-4, batch_size=args.batch_size)
         result = {"split": args.split, "images": len(labels), **curve,
                   "device": device_label(args.device), "command": command}  # fmt: skip
@@ -323,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate_checkpoint(
         args.checkpoint, model, images, labels, split=args.split,
         command=command, solver=args.solver, tol=args.tol, max_iter=args.max_iter, flip=args.flip,
-        batch_size=args.batch_size, record=args.record, headline=args.headline,
+        early_exit=args.early_exit, batch_size=args.batch_size, record=args.record, headline=args.headline,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
 

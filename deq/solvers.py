@@ -62,6 +62,9 @@ Callback = Callable[[int, float], None]
 #: is reported as divergence and stops the solve.
 DIVERGENCE_FACTOR = 1e3
 _EPS = 1e-12  # guards ||f(z)|| = 0 in the relative residual
+#: Device types whose per-sample bookkeeping ``Monitor`` keeps on the host (where a copy to
+#: the host is free and a Python float beats a small tensor operation).
+HOST_BOOKKEEPING = ("cpu",)
 
 
 @dataclass
@@ -187,7 +190,7 @@ class Monitor:
             check_every = 4 if z0.is_cuda else 1
         self.check_every = 1 if callback is not None else check_every
         self.early_exit = early_exit
-        self.on_host = z0.device.type == "cpu"
+        self.on_host = z0.device.type in HOST_BOOKKEEPING
         self.best_z = z0
         if self.on_host:
             self.best: list[float] = [math.inf] * batch
@@ -204,7 +207,9 @@ class Monitor:
         self.diverged = False
         self.message = ""
 
-    def observe(self, z: Tensor, fz: Tensor, gz: Tensor | None = None, *, g_sqnorm: Tensor | None = None) -> bool:
+    def observe(
+        self, z: Tensor, fz: Tensor, gz: Tensor | None = None, *, g_sqnorm: Tensor | None = None
+    ) -> bool:
         """Record iterate z (B, D) with f(z) and g = f(z) - z (or just its squared norms
         ``g_sqnorm`` (B,), when the solver has them); return True to stop."""
         self.keep = None
@@ -261,12 +266,13 @@ class Monitor:
     def _retire(self, going_on: list[int]) -> None:
         """Set aside the converged samples' results; the others (local indices) go on."""
         device = self.best_z.device
-        done = torch.tensor([i for i in range(self.best_z.shape[0]) if i not in set(going_on)], device=device)
+        staying = set(going_on)
+        done = torch.tensor([i for i in range(self.best_z.shape[0]) if i not in staying], device=device)
         keep = torch.tensor(going_on, device=device)
         if self.index is None:
             self.index = torch.arange(self.batch, device=device)
-            self.out_z = torch.empty((self.batch, self.best_z.shape[1]), dtype=self.best_z.dtype, device=device)
-            self.out_res = torch.empty(self.batch, dtype=self.best_z.dtype, device=device)
+            self.out_z = self.best_z.new_empty((self.batch, self.best_z.shape[1]))
+            self.out_res = self.best_z.new_empty(self.batch)
         finished = self.index[done]
         self.out_z[finished] = self.best_z[done]
         self.out_res[finished] = self._best_tensor()[done]

@@ -188,3 +188,13 @@ def test_only_the_apps_rooms_import_ui_libraries():
     assert rooms and all("gradio" not in _imported_modules(p) for p in rooms)  # only app.py wires gradio
     plots = {p.name for p in rooms if "plotly" in _imported_modules(p)}
     assert plots <= {"figures.py", "stream.py"}
+
+
+def test_a_solver_without_early_exit_is_left_alone(toy_solver):
+    torch.manual_seed(0)
+    layer, x = DEQFixedPoint(ResNetCell(8, 16, 4, 0.05), tol=1e-5, max_iter=200), torch.randn(5, 8, 6, 6)
+    with torch.no_grad():
+        z, stats = layer.eval().solve(x, solver=toy_solver)
+        assert not stats.early_exit
+        with pytest.raises(ValueError, match=f"early_exit: solver '{toy_solver}' does not take it"):
+            layer.solve(x, solver=toy_solver, early_exit=True)
