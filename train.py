@@ -185,6 +185,8 @@ def _solver_options(pairs, flag: str) -> dict:
                 if key in ("tol", "max_iter")
                 else f"{flag} {key}=...: not a training option"
             )
+        if key == "early_exit" and flag == "--backward-option":
+            raise ValueError(f"{flag} early_exit=...: only the forward solve can exit early")
         options[key] = _option_value(value)
     return options
 
@@ -198,7 +200,7 @@ def model_config(options: dict) -> ModelConfig:
     own = _solver_options(o["solver_option"], "--solver-option")
     backward_own = _solver_options(o["backward_option"], "--backward-option")
     if backward is forward:  # the same solver backward: the forward's own options, then any of its own
-        backward_own = {**own, **backward_own}
+        backward_own = {**{k: v for k, v in own.items() if k != "early_exit"}, **backward_own}
     # the solvers' own defaults are written out, so that the model config states every option
     solver_kwargs = {**forward.own_defaults, "tol": o["f_tol"], "max_iter": o["f_max_iter"], **own}
     backward_kwargs = {**backward.own_defaults, "tol": o["b_tol"], "max_iter": o["b_max_iter"],
@@ -485,6 +487,8 @@ def build_model(cfg: TrainConfig, proc: Process) -> tuple[DEQClassifier, torch.n
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         model.deq.f.forward = torch.compile(model.deq.f.forward)  # keeps state-dict keys
+        # a batch narrowing as samples converge would recompile the cell for every new size
+        model.deq.solver_kwargs["early_exit"] = False
     net = torch.nn.parallel.DistributedDataParallel(model) if proc.world > 1 else model
     return model, net, lineage
 

@@ -51,7 +51,8 @@ class DEQFixedPoint(nn.Module):
 
     Early exit: a forward solve of a batch stops iterating each sample once it has converged and
     evaluates f only on the rest (``early_exit``, for the solvers that take it). Unless set, it
-    is on in eval mode for batches of more than one sample and off in training mode. It needs a cell whose
+    is on for batches of more than one sample, in eval mode and, on the CPU, in training mode
+    too (not in training on a GPU, where it has not been measured to pay). It needs a cell whose
     samples do not interact: setting it on a cell with BatchNorm in training mode raises
     ValueError. The backward solve never uses it.
     """
@@ -111,7 +112,7 @@ class DEQFixedPoint(nn.Module):
         requested = kwargs.pop("early_exit", None)
         check_solver_kwargs(name, kwargs, "solver options")
         if lookup(name).supports_early_exit:
-            kwargs["early_exit"] = self._early_exit(requested, x.shape[0], observe)
+            kwargs["early_exit"] = self._early_exit(requested, x.shape[0], x.device.type, observe)
         elif requested:
             raise ValueError(f"early_exit: solver {name!r} does not take it")
         # Under autocast, f keeps the caller's mixed precision but the solver's own arithmetic
@@ -132,7 +133,7 @@ class DEQFixedPoint(nn.Module):
         with torch.no_grad(), torch.autocast(device, enabled=False):
             return get_solver(name)(PerSample(cell, x), z0, **kwargs)
 
-    def _early_exit(self, requested: bool | None, batch: int, observe) -> bool:
+    def _early_exit(self, requested: bool | None, batch: int, device_type: str, observe) -> bool:
         """Whether this forward solve retires converged samples (see the class docstring)."""
         if requested is not None and not isinstance(requested, bool):
             raise ValueError(f"early_exit must be True, False or None (automatic), got {requested!r}")
@@ -144,7 +145,11 @@ class DEQFixedPoint(nn.Module):
             )
         if requested is not None:
             return requested
-        return batch > 1 and observe is None and not self.training and not mixing
+        if batch < 2 or observe is not None or mixing:
+            return False
+        # Training on a GPU is left as it was: a smaller batch buys little in a launch-bound step,
+        # and it has not been measured there.
+        return not self.training or device_type == "cpu"
 
     def forward(
         self,

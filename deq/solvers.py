@@ -11,7 +11,9 @@ Every solver has the same signature::
   f-evaluations (z0 counts as the first iterate), on a non-finite value, or when the residual
   blows up (see ``DIVERGENCE_FACTOR``).
 - The returned ``z_star`` is, per sample, the best iterate seen (lowest residual), not
-  merely the last one.
+  merely the last one, and a sample's first iterate below ``tol`` is final: what a sample
+  returns does not depend on how long the rest of its batch kept iterating (nor on
+  ``check_every`` or ``early_exit``).
 - ``callback(iteration, residual)`` is called once per iteration with the batch residual
   (max over samples) as a float. Giving one makes every iteration synchronise with the device.
 - ``check_every``: iterations between host-side convergence checks. Each check is one
@@ -221,23 +223,23 @@ class Monitor:
         res = g_norm.div_(fz_norm).nan_to_num_(nan=math.inf)
         self.count += 1
         if self.on_host:
-            current = res.tolist()
-            improved = [r < b for r, b in zip(current, self.best, strict=True)]
+            current, tol = res.tolist(), self.tol
+            improved = [r < b and not b < tol for r, b in zip(current, self.best, strict=True)]
             if all(improved):
                 self.best_z = z  # no copy: solvers never modify an iterate in place
                 self.best = current
             elif any(improved):
                 mask = torch.tensor(improved, device=z.device).unsqueeze(1)
                 self.best_z = torch.where(mask, z, self.best_z)
-                self.best = [min(r, b) for r, b in zip(current, self.best, strict=True)]
+                self.best = [r if i else b for r, b, i in zip(current, self.best, improved, strict=True)]
             self.rows.append(current)
             if self.callback is not None:
                 self.callback(self.count - 1, max(current))
             if self.count % self.check_every:
                 return False
             return self._check(current, self.best)
-        improved = res < self.best_res
-        self.best_res = torch.minimum(res, self.best_res)
+        improved = (res < self.best_res) & (self.best_res >= self.tol)  # converged: final
+        self.best_res = torch.where(improved, res, self.best_res)
         self.best_z = torch.where(improved.unsqueeze(1), z, self.best_z)
         self.rows.append(res)
         if self.callback is not None:

@@ -58,5 +58,24 @@ def test_cuda_bf16_channels_last_training_step_implicit_with_both_regularisers()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert info.backward is not None and info.backward.n_evals > 0
+    assert not info.forward.early_exit  # training on a GPU keeps whole-batch solves by default
     assert info.forward.sample_residuals.dtype == torch.float32  # solver state stays float32
     opt.step()
+
+
+@pytest.mark.parametrize("solver", ["anderson", "forward", "broyden"])
+def test_cuda_early_exit_keeps_answers_and_counts(solver):
+    """Converged images leave the solve at the sync-free loop's checks (every 4 iterations)."""
+    torch.manual_seed(0)
+    model = DEQClassifier(ModelConfig(init_std=0.2)).cuda().eval()
+    images = torch.rand(16, 3, 32, 32, device="cuda")
+    runs = {
+        ee: model.predict(images, solver=solver, tol=1e-4, max_iter=60, early_exit=ee) for ee in (False, True)
+    }
+    (logits, full), (logits_exit, exit_) = runs[False], runs[True]
+    assert exit_.early_exit and not full.early_exit
+    done = (full.sample_residuals < 1e-4) & (exit_.sample_residuals < 1e-4)  # (not chaotic ones)
+    assert torch.equal(logits.argmax(1)[done], logits_exit.argmax(1)[done])
+    # a batch narrowed to a few images may round differently in cuDNN: one iteration either way
+    assert (exit_.sample_evals - full.sample_evals).abs().max() <= 1
+    assert exit_.sample_residuals.shape == (16,) and exit_.converged == full.converged
