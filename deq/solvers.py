@@ -215,15 +215,16 @@ class Monitor:
         """Record iterate z (B, D) with f(z) and g = f(z) - z (or just its squared norms
         ``g_sqnorm`` (B,), when the solver has them); return True to stop."""
         self.keep = None
-        if g_sqnorm is not None:
-            g_norm = g_sqnorm.sqrt()
-        else:
-            g_norm = torch.linalg.vector_norm(fz - z if gz is None else gz, dim=1)
-        fz_norm = torch.linalg.vector_norm(fz, dim=1).clamp_min_(_EPS)
-        res = g_norm.div_(fz_norm).nan_to_num_(nan=math.inf)
         self.count += 1
+        fz_norm = torch.linalg.vector_norm(fz, dim=1)
+        if g_sqnorm is None:
+            g_size = torch.linalg.vector_norm(fz - z if gz is None else gz, dim=1)
+        else:
+            g_size = g_sqnorm
         if self.on_host:
-            current, tol = res.tolist(), self.tol
+            g_sizes, fz_norms = torch.stack((g_size, fz_norm)).tolist()
+            current = _relative_residuals(g_sizes, fz_norms, squared=g_sqnorm is not None)
+            tol = self.tol
             improved = [r < b and not b < tol for r, b in zip(current, self.best, strict=True)]
             if all(improved):
                 self.best_z = z  # no copy: solvers never modify an iterate in place
@@ -238,6 +239,8 @@ class Monitor:
             if self.count % self.check_every:
                 return False
             return self._check(current, self.best)
+        g_norm = g_size if g_sqnorm is None else g_size.sqrt()
+        res = g_norm.div_(fz_norm.clamp_min_(_EPS)).nan_to_num_(nan=math.inf)
         improved = (res < self.best_res) & (self.best_res >= self.tol)  # converged: final
         self.best_res = torch.where(improved, res, self.best_res)
         self.best_z = torch.where(improved.unsqueeze(1), z, self.best_z)
@@ -346,6 +349,17 @@ class Monitor:
             early_exit=self.early_exit,
         )
         return best_z.reshape(self.shape), stats
+
+
+def _relative_residuals(g_sizes: list[float], fz_norms: list[float], squared: bool) -> list[float]:
+    """||g|| / ||f(z)|| per sample from ||g|| (or ||g||^2) and ||f(z)||; non-finite -> inf."""
+    out = []
+    for g, norm in zip(g_sizes, fz_norms, strict=True):
+        if squared:
+            g = math.sqrt(g) if g >= 0 else math.nan
+        r = g / max(norm, _EPS)
+        out.append(r if math.isfinite(r) and math.isfinite(norm) else math.inf)
+    return out
 
 
 def forward_iteration(
