@@ -415,13 +415,11 @@ def anderson(
     _check_early_exit(f, early_exit)
     mon = Monitor(z0, tol, max_iter, callback, check_every, early_exit=early_exit)
     z = mon.z0
-    kw = {"dtype": z.dtype, "device": z.device}
-    G = torch.empty(z.shape[0], m, z.shape[1], **kw)  # residuals g_i = f(z_i) - z_i
+    G = z.new_empty(z.shape[0], m, z.shape[1])  # residuals g_i = f(z_i) - z_i
     Y = torch.empty_like(G)  # z_i + beta * g_i: the next z is sum_i alpha_i Y_i
-    gram = torch.zeros(z.shape[0], m, m, **kw)  # G G^T, one row/column updated per iteration
-    lam_eye = lam * torch.eye(m, **kw)
-    ones = torch.ones(1, m, 1, **kw)
-    views = _AndersonViews(G, Y, gram)
+    views = _AndersonViews(G, Y)
+    small = mon.on_host and z.shape[0] <= HOST_WEIGHTS_MAX_BATCH
+    weights = (_HostWeights if small else _DeviceWeights)(z, m, lam)
 
     n_evals = 0
     for k in range(max_iter):
@@ -435,36 +433,109 @@ def anderson(
             break
         if (keep := mon.keep) is not None:
             f = f.select(keep)
-            z, fz, row, G, Y, gram = (t.index_select(0, keep) for t in (z, fz, row, G, Y, gram))
-            views = _AndersonViews(G, Y, gram)
+            z, fz, row, G, Y = (t.index_select(0, keep) for t in (z, fz, row, G, Y))
+            views = _AndersonViews(G, Y)
+            weights.narrow(keep)
         if beta == 1:
             views.Y_slot[slot].copy_(fz)
         else:
             torch.add(z, views.G_slot[slot], alpha=beta, out=views.Y_slot[slot])
-        views.gram_row[slot][n].copy_(row)
-        views.gram_col[slot][n].copy_(row)
-        # The bordered least-squares system [[0, 1^T], [1, H]] has the closed form
-        # alpha = H^-1 1 / (1^T H^-1 1), with H = G G^T / ||g_k||^2 + lam I.
-        H = torch.addcdiv(lam_eye[:n, :n], views.gram[n], row[:, slot].clamp_min(_EPS).view(-1, 1, 1))
-        w = torch.linalg.solve_ex(H, ones[:, :n])[0]  # (B, n, 1); no host sync
-        alpha = w.div_(w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
-        z = torch.bmm(alpha, views.Y[n]).squeeze(1)
+        z = torch.bmm(weights(row, slot, n), views.Y[n]).squeeze(1)
     return mon.finish("anderson", n_evals)
 
 
-class _AndersonViews:
-    """Anderson's per-slot and first-n views of its buffers, made once per batch (slicing
-    costs a dispatch per use, and the loop's own operations are few)."""
+#: On the CPU, Anderson batches of up to this many samples solve their small least-squares
+#: problems in Python floats: cheaper than a dozen small tensor operations per iteration.
+HOST_WEIGHTS_MAX_BATCH = 8
 
-    def __init__(self, G: Tensor, Y: Tensor, gram: Tensor):
+
+class _AndersonViews:
+    """Anderson's per-slot and first-n views of its buffers (B, m, D), made once per batch
+    (slicing costs a dispatch per use, and the loop's own operations are few)."""
+
+    def __init__(self, G: Tensor, Y: Tensor):
         m = G.shape[1]
         self.G_slot = [G[:, i] for i in range(m)]
         self.Y_slot = [Y[:, i] for i in range(m)]
         self.Gt = [None, *(G[:, :n].transpose(1, 2) for n in range(1, m + 1))]
         self.Y = [None, *(Y[:, :n] for n in range(1, m + 1))]
-        self.gram = [None, *(gram[:, :n, :n] for n in range(1, m + 1))]
-        self.gram_row = [[None, *(gram[:, i, :n] for n in range(1, m + 1))] for i in range(m)]
-        self.gram_col = [[None, *(gram[:, :n, i] for n in range(1, m + 1))] for i in range(m)]
+
+
+class _DeviceWeights:
+    """Anderson's weights alpha (B, 1, n) from the Gram matrix G G^T (B, m, m), kept as a tensor
+    on the iterates' device and updated one row and column per iteration; no host sync.
+
+    Per sample, alpha minimises ||G alpha||^2 + lam' ||alpha||^2 subject to sum(alpha) = 1: the
+    bordered least-squares system [[0, 1^T], [1, H]] has the closed form
+    alpha = H^-1 1 / (1^T H^-1 1), with H = G G^T / ||g_k||^2 + lam I."""
+
+    def __init__(self, z: Tensor, m: int, lam: float):
+        self.lam_eye = [None, *(lam * torch.eye(n, dtype=z.dtype, device=z.device) for n in range(1, m + 1))]
+        self.ones = [None, *(z.new_ones(1, n, 1) for n in range(1, m + 1))]
+        self._set(z.new_zeros(z.shape[0], m, m))
+
+    def _set(self, gram: Tensor) -> None:
+        m = gram.shape[1]
+        self.gram = gram
+        self.block = [None, *(gram[:, :n, :n] for n in range(1, m + 1))]
+        self.row = [[None, *(gram[:, i, :n] for n in range(1, m + 1))] for i in range(m)]
+        self.col = [[None, *(gram[:, :n, i] for n in range(1, m + 1))] for i in range(m)]
+
+    def narrow(self, keep: Tensor) -> None:
+        self._set(self.gram.index_select(0, keep))
+
+    def __call__(self, row: Tensor, slot: int, n: int) -> Tensor:
+        """row (B, n): g_k . g_i of the newest residual, which goes into ``slot``."""
+        self.row[slot][n].copy_(row)
+        self.col[slot][n].copy_(row)
+        scale = row[:, slot].clamp_min(_EPS).view(-1, 1, 1)
+        H = torch.addcdiv(self.lam_eye[n], self.block[n], scale)
+        w = torch.linalg.solve_ex(H, self.ones[n])[0]  # (B, n, 1)
+        return w.div_(w.sum(1, keepdim=True)).transpose(1, 2)
+
+
+class _HostWeights:
+    """``_DeviceWeights`` in Python floats, for a few samples on the CPU (float64 arithmetic,
+    Gaussian elimination with partial pivoting; a singular system gives NaN weights, as the
+    batched solve does)."""
+
+    def __init__(self, z: Tensor, m: int, lam: float):
+        self.lam, self.dtype = lam, z.dtype
+        self.gram = [[[0.0] * m for _ in range(m)] for _ in range(z.shape[0])]
+
+    def narrow(self, keep: Tensor) -> None:
+        self.gram = [self.gram[i] for i in keep.tolist()]
+
+    def __call__(self, row: Tensor, slot: int, n: int) -> Tensor:
+        alphas = []
+        for gram, new in zip(self.gram, row.tolist(), strict=True):
+            for i in range(n):
+                gram[slot][i] = gram[i][slot] = new[i]
+            scale = max(new[slot], _EPS)
+            H = [[gram[i][j] / scale + (self.lam if i == j else 0.0) for j in range(n)] for i in range(n)]
+            w = _solve_ones(H)
+            total = sum(w)
+            alphas.append([x / total for x in w])
+        return torch.tensor(alphas, dtype=self.dtype).unsqueeze(1)
+
+
+def _solve_ones(H: list[list[float]]) -> list[float]:
+    """w with H w = 1 (n x n): Gaussian elimination with partial pivoting; NaN if singular."""
+    n = len(H)
+    a = [[*row, 1.0] for row in H]
+    for i in range(n):
+        p = max(range(i, n), key=lambda r: abs(a[r][i]))
+        a[i], a[p] = a[p], a[i]
+        if a[i][i] == 0.0 or not math.isfinite(a[i][i]):
+            return [math.nan] * n
+        for j in range(i + 1, n):
+            factor = a[j][i] / a[i][i]
+            for c in range(i, n + 1):
+                a[j][c] -= factor * a[i][c]
+    w = [0.0] * n
+    for i in reversed(range(n)):
+        w[i] = (a[i][n] - sum(a[i][c] * w[c] for c in range(i + 1, n))) / a[i][i]
+    return w
 
 
 def broyden(

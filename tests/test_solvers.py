@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import deq.solvers
 from deq import SOLVERS, ResNetCell, anderson, broyden, forward_iteration, get_solver
 from deq.solvers import DIVERGENCE_FACTOR, check_solver_kwargs
 
@@ -220,3 +221,16 @@ def test_sample_evals_of_an_unconverged_sample_is_the_solve_length():
     f, z_star = linear_problem(batch=2, norm=0.99)
     _, stats = forward_iteration(f, torch.zeros_like(z_star), tol=1e-12, max_iter=7)
     assert stats.sample_evals.tolist() == [7, 7] and not stats.converged
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-4])
+def test_anderson_weights_in_python_match_the_batched_solve(monkeypatch, lam):
+    """Small CPU batches solve Anderson's least-squares problems in Python floats."""
+    f, z_star = linear_problem(batch=3, norm=0.95)
+    z_host, host = anderson(f, torch.zeros_like(z_star), tol=1e-10, max_iter=300, lam=lam)
+    monkeypatch.setattr(deq.solvers, "HOST_WEIGHTS_MAX_BATCH", 0)
+    z_tensor, tensor = anderson(f, torch.zeros_like(z_star), tol=1e-10, max_iter=300, lam=lam)
+    assert host.converged and tensor.converged
+    assert torch.equal(host.sample_evals, tensor.sample_evals)
+    torch.testing.assert_close(z_host, z_tensor, atol=1e-9, rtol=0)
+    torch.testing.assert_close(z_host, z_star, atol=1e-8, rtol=0)
