@@ -194,13 +194,17 @@ class Monitor:
         self.early_exit = early_exit
         self.on_host = z0.device.type in HOST_BOOKKEEPING
         self.best_z = z0
-        if self.on_host:
+        if self.on_host:  # the batch trace and per-sample counts, kept as they come
             self.best: list[float] = [math.inf] * batch
+            self.trace: list[float] = []
+            self.first_below = [0] * batch  # per sample: f-evaluations to its first iterate < tol
+            self.ids = list(range(batch))  # the samples still iterating
+            self.retired_max = -math.inf  # largest final residual of the samples set aside
         else:
             self.best_res = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
-        # One (B',) residual row per iteration (host lists or device tensors); the batch trace
-        # and the per-sample f-evaluation counts are read off them once, at the end.
-        self.rows: list = []
+        # Device: one (B',) residual row per iteration; the batch trace and the per-sample counts
+        # are read off them once, at the end.
+        self.rows: list[Tensor] = []
         self.segments: list[tuple[int, Tensor]] = []  # (first row, samples) after each retirement
         self.index: Tensor | None = None  # samples still iterating (None: all of them)
         self.keep: Tensor | None = None
@@ -233,9 +237,14 @@ class Monitor:
                 mask = torch.tensor(improved, device=z.device).unsqueeze(1)
                 self.best_z = torch.where(mask, z, self.best_z)
                 self.best = [r if i else b for r, b, i in zip(current, self.best, improved, strict=True)]
-            self.rows.append(current)
+            largest = max(current)
+            if min(current) < tol:  # a sample's first iterate below tol is where it improves
+                for i, (r, better) in enumerate(zip(current, improved, strict=True)):
+                    if better and r < tol:
+                        self.first_below[self.ids[i]] = self.count
+            self.trace.append(max(largest, self.retired_max))
             if self.callback is not None:
-                self.callback(self.count - 1, max(current))
+                self.callback(self.count - 1, largest)
             if self.count % self.check_every:
                 return False
             return self._check(current, self.best)
@@ -283,11 +292,14 @@ class Monitor:
         self.out_res[finished] = self._best_tensor()[done]
         self.best_z = self.best_z[keep]
         if self.on_host:
+            finals = (b for i, b in enumerate(self.best) if i not in staying)
+            self.retired_max = max(self.retired_max, *finals)
             self.best = [self.best[i] for i in going_on]
+            self.ids = [self.ids[i] for i in going_on]
         else:
             self.best_res = self.best_res[keep]
+            self.segments.append((self.count, self.index[keep]))
         self.index = self.index[keep]
-        self.segments.append((self.count, self.index))
         self.keep = keep
 
     def _best_tensor(self) -> Tensor:
@@ -295,22 +307,18 @@ class Monitor:
             return torch.tensor(self.best, dtype=self.best_z.dtype)
         return self.best_res
 
-    def _rows_tensor(self, rows: list) -> Tensor:
-        if self.on_host:
-            return torch.tensor(rows, dtype=self.best_z.dtype).view(len(rows), -1)
-        return torch.stack(rows)
-
     def _history(self, final_res: Tensor) -> Tensor:
-        """(iterations, B) residuals; a retired sample keeps its final residual from then on."""
+        """(iterations, B) residuals on the device; a retired sample keeps its final residual
+        from then on."""
         if not self.segments:
-            return self._rows_tensor(self.rows)
+            return torch.stack(self.rows)
         history = final_res.expand(self.count, self.batch).clone()
         starts = [0, *(start for start, _ in self.segments)]
         ends = [*starts[1:], self.count]
         samples = [None, *(index for _, index in self.segments)]
         for start, end, index in zip(starts, ends, samples, strict=True):
             if end > start:
-                block = self._rows_tensor(self.rows[start:end])
+                block = torch.stack(self.rows[start:end])
                 if index is None:
                     history[start:end] = block
                 else:
@@ -323,11 +331,15 @@ class Monitor:
             self.out_z[self.index] = best_z
             self.out_res[self.index] = best_res
             best_z, best_res = self.out_z, self.out_res
-        history = self._history(best_res)
-        trace = history.amax(1).tolist()  # the one host copy of the loop
-        below = history < self.tol
-        first = below.to(torch.int8).argmax(0) + 1  # f-evaluations to the first iterate below tol
-        sample_evals = torch.where(below.any(0), first, self.max_iter).to(torch.int64)
+        if self.on_host:
+            trace = self.trace
+            sample_evals = torch.tensor([k or self.max_iter for k in self.first_below], dtype=torch.int64)
+        else:
+            history = self._history(best_res)
+            trace = history.amax(1).tolist()  # the one host copy of the loop
+            below = history < self.tol
+            first = below.to(torch.int8).argmax(0) + 1  # f-evaluations to the first iterate below tol
+            sample_evals = torch.where(below.any(0), first, self.max_iter).to(torch.int64)
         if not self.message:
             self.converged = bool((best_res < self.tol).all())
             if self.converged:
