@@ -84,17 +84,22 @@ def f_only(f, z0, n: int):
     return z
 
 
-def contenders(f, z0, tol: float, max_iter: int) -> dict[str, Callable[[], int]]:
-    """name -> a run returning its f-evaluation count (counted by wrapping f, for all alike)."""
-    calls = [0]
+def contenders(f, z0, tol: float, max_iter: int) -> tuple[dict[str, Callable[[], int]], list[float]]:
+    """name -> a run returning its f-evaluation count (counted by wrapping f, for all alike), and
+    a list whose one entry is the seconds the last run spent inside f (a CPU clock: on a GPU it
+    only measures the launches)."""
+    calls, inside = [0], [0.0]
 
     def counted(z):
         calls[0] += 1
-        return f(z)
+        t0 = time.perf_counter()
+        fz = f(z)
+        inside[0] += time.perf_counter() - t0
+        return fz
 
     def run(solve) -> Callable[[], int]:
         def go() -> int:
-            calls[0] = 0
+            calls[0], inside[0] = 0, 0.0
             solve()
             return calls[0]
 
@@ -107,7 +112,7 @@ def contenders(f, z0, tol: float, max_iter: int) -> dict[str, Callable[[], int]]
         runs["anderson (TorchDEQ)"] = run(
             lambda: torchdeq_anderson(counted, z0, **limits, stop_mode="rel", tau=1.0, **ANDERSON)
         )
-    return runs
+    return runs, inside
 
 
 def history_read(f, z0, m: int, repeats: int, sync) -> float:
@@ -140,12 +145,13 @@ def bench_case(label: str, batch: int, channels: int, inner: int, threads: int, 
         f"device {device}, {where}"
     )
     with torch.inference_mode():
-        runs = contenders(f, z0, args.tol, args.max_iter)
+        runs, inside = contenders(f, z0, args.tol, args.max_iter)
         evals = {name: run() for name, run in runs.items()}  # warm-up, and the counts
         every = dict(runs)
         for name, n in evals.items():
             every[f"f-only {name}"] = lambda n=n: f_only(f, z0, n)
         times = {name: [] for name in every}
+        f_inside = []  # seconds Anderson's runs spent inside f
         for _ in range(args.repeats):  # round robin: machine drift hits every contender alike
             for name, run in every.items():
                 sync()
@@ -153,6 +159,8 @@ def bench_case(label: str, batch: int, channels: int, inner: int, threads: int, 
                 run()
                 sync()
                 times[name].append(time.perf_counter() - t0)
+                if name == "anderson":
+                    f_inside.append(inside[0])
         one_f = statistics.median(times["f-only forward"]) / evals["forward"]
         read = history_read(f, z0, ANDERSON["m"], args.repeats * 3, sync)
     wall = {name: statistics.median(ts) for name, ts in times.items()}
@@ -169,6 +177,14 @@ def bench_case(label: str, batch: int, channels: int, inner: int, threads: int, 
     for other in ("anderson (TorchDEQ)", "anderson (textbook)"):
         if other in wall:
             print(f"anderson vs {other}: {wall[other] / wall['anderson']:.2f}x faster wall time")
+    if device.type == "cpu":
+        extra = wall["anderson"] - wall["f-only anderson"]
+        slower_f = statistics.median(f_inside) - wall["f-only anderson"]
+        per_iteration = extra / evals["anderson"]
+        print(
+            f"anderson beyond its f-evaluations: {extra * 1e3:.2f} ms = {per_iteration * 1e6:.0f} us per "
+            f"iteration, of which f itself running slower inside the solve: {slower_f * 1e3:.2f} ms"
+        )
     if torchdeq_anderson is None:
         print("anderson (TorchDEQ): not installed (pip install torchdeq==0.1.0 --no-deps to compare)")
     print(

@@ -3,6 +3,7 @@
     python -m bench.training                 # CPU, batch 32
     python -m bench.training --device cuda --batch-size 100
     python -m bench.training --recipes       # whole training recipes side by side (CPU: ~1 min)
+    python -m bench.training --early-exit --batch-size 64   # early exit in training, shipped cpu model
 
 1. Training images/s with the exact implicit backward vs the phantom (1-step) backward, same
    forward solve (Anderson, tol 1e-2, max_iter 25 as in the reference recipe; the same options backward).
@@ -12,6 +13,9 @@
 3. With --recipes instead: training images/s of whole train.py recipes (layout, widths, batch,
    backward, Jacobian regulariser, memory format), every solve running to its max_iter (tol
    unreachable), so the figures are each recipe's worst case and compare like with like.
+4. With --early-exit instead: training steps (cross-entropy, implicit backward, no regulariser)
+   of a shipped model (--model, its own solver settings) on real training images (--data),
+   with the forward solve's per-sample early exit off and on, side by side.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ RECIPES = (
     ("large 64/96 (cheaper cell), otherwise cpu (now)", {"preset": "cpu", "n_inner_channels": 96}),
     ("cpu-rho: cpu (now) + spectral-radius band (8 VJPs), f 20 / b 10", {"preset": "cpu-rho"}),
 )  # fmt: skip
+
+
+#: Batches of real training images --early-exit steps through (each round).
+EARLY_EXIT_BATCHES = 6
 
 
 def step_time(model, x, y, opt, sync, repeats: int) -> float:
@@ -117,6 +125,45 @@ def compare_recipes(device: torch.device, sync, repeats: int) -> None:
         print(f"{label:<66} {sizes[label]:>8,} {1 / best[label]:>9.1f} {base / best[label]:>8.2f}x")
 
 
+def compare_early_exit(args, device: torch.device, sync) -> None:
+    from deq.checkpoint import load_model
+    from deq.data import batches, load_cifar10
+
+    model = load_model(args.model, device).train()
+    images, labels = load_cifar10(args.data, "train")
+    n = args.batch_size * EARLY_EXIT_BATCHES
+    data = list(batches(images[:n].to(device), labels[:n].to(device), args.batch_size))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # every step sees the same weights
+    print(
+        f"early exit in training: {args.model} ({model.deq.solver}, {model.deq.solver_kwargs}), "
+        f"{EARLY_EXIT_BATCHES} batches of {args.batch_size} training images, median step of 2 rounds"
+    )
+    times, evals = {False: [], True: []}, {False: [], True: []}
+    for round_ in range(3):  # the first is warm-up; alternate so machine drift hits both
+        for early_exit in (False, True):
+            model.deq.solver_kwargs["early_exit"] = early_exit
+            for x, y in data:
+                sync()
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                logits, info = model(x, return_info=True)
+                F.cross_entropy(logits, y).backward()
+                opt.step()
+                sync()
+                if round_:
+                    times[early_exit].append(time.perf_counter() - t0)
+                    evals[early_exit].append(float(info.forward.sample_evals.double().mean()))
+    print(f"{'early exit':<11} {'images/s':>9} {'step ms':>8} {'f-evals per image':>18}")
+    for early_exit in (False, True):
+        t = statistics.median(times[early_exit])
+        print(
+            f"{'on' if early_exit else 'off':<11} {args.batch_size / t:>9.1f} {t * 1e3:>8.1f} "
+            f"{statistics.mean(evals[early_exit]):>18.1f}"
+        )
+    ratio = statistics.median(times[False]) / statistics.median(times[True])
+    print(f"early exit: {ratio:.2f}x the training images/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,9 +172,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--recipes", action="store_true", help="compare whole training recipes instead")
+    parser.add_argument("--early-exit", action="store_true", help="early exit off vs on in training instead")
+    parser.add_argument("--model", default="checkpoints/cpu", help="shipped model of --early-exit")
+    parser.add_argument("--data", default="data", help="CIFAR-10 folder of --early-exit")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if args.early_exit:
+        print(f"device {device} ({device_label(device)})\n")
+        compare_early_exit(args, device, sync)
+        return
     if args.recipes:
         print(f"device {device} ({device_label(device)}), torch threads {torch.get_num_threads()}\n")
         compare_recipes(device, sync, args.repeats)

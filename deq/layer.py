@@ -51,8 +51,8 @@ class DEQFixedPoint(nn.Module):
 
     Early exit: a forward solve of a batch stops iterating each sample once it has converged and
     evaluates f only on the rest (``early_exit``, for the solvers that take it). Unless set, it
-    is on for batches of more than one sample, in eval mode and, on the CPU, in training mode
-    too (not in training on a GPU, where it has not been measured to pay). It needs a cell whose
+    is on for batches of more than one sample on the CPU, in eval and training mode (measured
+    there), and off on GPUs (not measured yet). It needs a cell whose
     samples do not interact: setting it on a cell with BatchNorm in training mode raises
     ValueError. The backward solve never uses it.
     """
@@ -145,11 +145,8 @@ class DEQFixedPoint(nn.Module):
             )
         if requested is not None:
             return requested
-        if batch < 2 or observe is not None or mixing:
-            return False
-        # Training on a GPU is left as it was: a smaller batch buys little in a launch-bound step,
-        # and it has not been measured there.
-        return not self.training or device_type == "cpu"
+        # off on GPUs until measured there (``python -m bench.solvers --device cuda`` prints it)
+        return batch > 1 and observe is None and not mixing and device_type == "cpu"
 
     def forward(
         self,

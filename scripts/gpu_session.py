@@ -354,8 +354,9 @@ def main() -> None:
 
     # --- benchmarks last: alone on the GPU
     if not (args.smoke or args.no_bench or args.no_benchmarks):
-        bench_solvers = [PY, "-m", "bench.solvers", "--device", "cuda", "--repeats", "5"]
-        sh(bench_solvers, out / "bench_solvers.txt", timeout=45)
+        bench_solvers = [PY, "-m", "bench.solvers", "--device", "cuda", "--repeats", "5",
+                         "--data", str(args.data), "--model", "checkpoints/cpu"]  # fmt: skip
+        sh(bench_solvers, out / "bench_solvers.txt", timeout=60)
         bench_training = [PY, "-m", "bench.training", "--device", "cuda", "--batch-size", "100"]
         sh(bench_training, out / "bench_training.txt", timeout=45)
     summary["wall_s"] = round(time.time() - t0, 1)

@@ -58,7 +58,7 @@ def test_cuda_bf16_channels_last_training_step_implicit_with_both_regularisers()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert info.backward is not None and info.backward.n_evals > 0
-    assert not info.forward.early_exit  # training on a GPU keeps whole-batch solves by default
+    assert not info.forward.early_exit  # GPUs keep whole-batch solves unless asked
     assert info.forward.sample_residuals.dtype == torch.float32  # solver state stays float32
     opt.step()
 

@@ -116,7 +116,7 @@ def test_layer_turns_early_exit_on_for_batches():
         assert layer.eval().solve(x)[1].early_exit
         assert not layer.solve(x[:1])[1].early_exit  # one sample: nothing to retire
         assert not layer.solve(x, observe=lambda fz: None)[1].early_exit  # observe sees whole batches
-        assert layer.train().solve(x)[1].early_exit  # training on the CPU too (GPU: not measured)
+        assert layer.train().solve(x)[1].early_exit  # training on the CPU too
         assert not layer.train().solve(x, early_exit=False)[1].early_exit
         assert not layer.eval().solve(x, early_exit=False)[1].early_exit
         z_exit, exit_ = layer.eval().solve(x)
