@@ -6,6 +6,7 @@ from .layer import BACKWARD_MODES, DEQFixedPoint, DEQInfo, spectral_radius, unro
 from .model import ARCHITECTURES, Architecture, DEQClassifier, ModelConfig, ResNetCell, register_architecture
 from .solvers import (
     SOLVERS,
+    PerSample,
     Solver,
     SolverStats,
     anderson,
@@ -25,6 +26,7 @@ __all__ = [
     "DEQFixedPoint",
     "DEQInfo",
     "ModelConfig",
+    "PerSample",
     "ResNetCell",
     "SOLVERS",
     "Solver",
