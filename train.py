@@ -401,6 +401,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
         )
     if cfg.compile and (cfg.jac_reg > 0 or cfg.rho_reg > 0):
         parser.error("--compile cannot be used with --jac-reg or --rho-reg: they differentiate twice")
+    if cfg.compile and cfg.model.solver_kwargs.get("early_exit"):
+        parser.error("--compile cannot be used with --solver-option early_exit=true: a batch that narrows "
+                     "as samples converge would recompile the cell for every size")  # fmt: skip
     if args.preset in FINE_TUNE_PRESETS and not cfg.init_from:
         parser.error(f"--preset {args.preset} fine-tunes a trained model: give --init-from CHECKPOINT")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
@@ -488,7 +491,7 @@ def build_model(cfg: TrainConfig, proc: Process) -> tuple[DEQClassifier, torch.n
     if cfg.compile:
         model.deq.f.forward = torch.compile(model.deq.f.forward)  # keeps state-dict keys
         # a batch narrowing as samples converge would recompile the cell for every new size
-        model.deq.solver_kwargs["early_exit"] = False
+        model.deq.early_exit = False
     net = torch.nn.parallel.DistributedDataParallel(model) if proc.world > 1 else model
     return model, net, lineage
 

@@ -141,7 +141,7 @@ def compare_early_exit(args, device: torch.device, sync) -> None:
     times, evals = {False: [], True: []}, {False: [], True: []}
     for round_ in range(3):  # the first is warm-up; alternate so machine drift hits both
         for early_exit in (False, True):
-            model.deq.solver_kwargs["early_exit"] = early_exit
+            model.deq.early_exit = early_exit
             for x, y in data:
                 sync()
                 t0 = time.perf_counter()
@@ -152,13 +152,13 @@ def compare_early_exit(args, device: torch.device, sync) -> None:
                 sync()
                 if round_:
                     times[early_exit].append(time.perf_counter() - t0)
-                    evals[early_exit].append(float(info.forward.sample_evals.double().mean()))
-    print(f"{'early exit':<11} {'images/s':>9} {'step ms':>8} {'f-evals per image':>18}")
+                    evals[early_exit].append(info.forward.f_work / len(x))  # f's work, per image
+    print(f"{'early exit':<11} {'images/s':>9} {'step ms':>8} {'forward f-evaluations per image':>32}")
     for early_exit in (False, True):
         t = statistics.median(times[early_exit])
         print(
             f"{'on' if early_exit else 'off':<11} {args.batch_size / t:>9.1f} {t * 1e3:>8.1f} "
-            f"{statistics.mean(evals[early_exit]):>18.1f}"
+            f"{statistics.mean(evals[early_exit]):>32.1f}"
         )
     ratio = statistics.median(times[False]) / statistics.median(times[True])
     print(f"early exit: {ratio:.2f}x the training images/s")

@@ -68,13 +68,16 @@ def evaluate(
     **solver_overrides,
 ) -> dict:
     """Sums over the set: loss, correct, n, forward residual and f-evaluations (per image),
-    converged images, ``solve_s`` (wall time of the model calls, data cutting excluded) and
+    converged images, ``f_work`` (f-evaluations done, summed over images: each batch's solve
+    length times its size without early exit), ``solve_s`` (wall time of the model calls, data
+    cutting excluded) and
     ``early_exit`` (whether the solves retired converged images); and ``sample_evals``, each
     image's f-evaluations (N,) int64 on the CPU, and ``predictions`` (N,) int64 on the CPU.
     ``flip`` averages the logits of each image and its mirror (the counts are the plain view's)."""
     model.eval()
     device = images.device.type
-    sums = {"loss": 0.0, "correct": 0, "n": 0, "f_res": 0.0, "f_evals": 0, "converged": 0, "solve_s": 0.0}
+    sums = {"loss": 0.0, "correct": 0, "n": 0, "f_res": 0.0, "f_evals": 0, "converged": 0, "solve_s": 0.0,
+            "f_work": 0}  # fmt: skip
     per_image, predictions, early_exit = [], [], False
     tol = solver_overrides.get("tol", model.deq.solver_kwargs.get("tol", 1e-2))
     for x, y in batches(images, labels, batch_size):
@@ -87,6 +90,7 @@ def evaluate(
         _synchronize(images.device)
         sums["solve_s"] += time.perf_counter() - start
         early_exit |= stats.early_exit
+        sums["f_work"] += stats.f_work
         predictions.append(logits.argmax(1).cpu())
         sums["loss"] += F.cross_entropy(logits.float(), y, reduction="sum").item()
         sums["correct"] += int((logits.argmax(1) == y).sum())
@@ -120,6 +124,7 @@ def report(sums: dict) -> dict:
         "p90_f_evals": float(evals.quantile(0.9)),
         "converged_fraction": sums["converged"] / n,
         "early_exit": sums["early_exit"],
+        "f_work_per_image": sums["f_work"] / n,  # f-evaluations done (the plain view's)
         "images_per_s": n / sums["solve_s"] if sums["solve_s"] > 0 else None,
         # two runs predicted the same class for every image iff their digests are equal
         "predictions_digest": hashlib.sha256(sums["predictions"].numpy().tobytes()).hexdigest()[:16],
@@ -154,7 +159,7 @@ def evaluate_checkpoint(
     """Evaluate a loaded checkpoint on (images, labels) and report it; with ``record``, the report
     goes into the checkpoint's card (``headline``: also as the card's test accuracy).
     Unset solver options are the model's own; ``flip`` defaults to how it was trained;
-    ``early_exit`` None leaves it to the layer (on for batches in eval mode)."""
+    ``early_exit`` None leaves it to the layer (on for CPU batches, off on GPUs)."""
     own = model.deq.solver_kwargs
     overrides = {
         "solver": solver or model.deq.solver,
@@ -280,8 +285,9 @@ def main(argv: list[str] | None = None) -> None:
         "--early-exit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="stop iterating each image once it has converged (default: on; the report's "
-        "images_per_s is the solves' throughput, predictions_digest compares two runs' answers)",
+        help="stop iterating each image once it has converged (default: the layer's, on on the CPU "
+        "and off on GPUs; the report's images_per_s is the solves' throughput, f_work_per_image the "
+        "f-evaluations done per image, predictions_digest compares two runs' answers)",
     )
     parser.add_argument(
         "--curve",

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .solvers import PerSample, SolverStats, check_solver_kwargs, get_solver, lookup
+from .solvers import PerSample, SolverStats, check_early_exit, check_solver_kwargs, get_solver, lookup
 
 __all__ = ["DEQFixedPoint", "DEQInfo", "BACKWARD_MODES", "spectral_radius"]
 
@@ -50,11 +50,12 @@ class DEQFixedPoint(nn.Module):
     only the forward solve runs.
 
     Early exit: a forward solve of a batch stops iterating each sample once it has converged and
-    evaluates f only on the rest (``early_exit``, for the solvers that take it). Unless set, it
-    is on for batches of more than one sample on the CPU, in eval and training mode (measured
-    there), and off on GPUs (not measured yet). It needs a cell whose
-    samples do not interact: setting it on a cell with BatchNorm in training mode raises
-    ValueError. The backward solve never uses it.
+    evaluates f only on the rest (``early_exit``, for the solvers that take it). Unless set
+    (True/False; None is automatic), it is on for batches of more than one sample on the CPU, in
+    eval and training mode (measured there), and off on GPUs (not measured yet). It needs a cell
+    whose samples do not interact: a BatchNorm that normalises with batch statistics (training
+    mode, or no running statistics) turns it off, and ``early_exit=True`` then raises ValueError.
+    The backward solve never uses it.
     """
 
     def __init__(
@@ -72,17 +73,24 @@ class DEQFixedPoint(nn.Module):
             raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
         if not isinstance(phantom_steps, int) or phantom_steps < 1:
             raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}")
+        early_exit = solver_kwargs.pop("early_exit", None)
+        try:
+            check_early_exit(early_exit, automatic=True)
+        except ValueError as err:
+            raise ValueError(f"solver_kwargs: {err}") from None
         check_solver_kwargs(solver, solver_kwargs, "solver_kwargs")
+        if early_exit and not lookup(solver).supports_early_exit:
+            raise ValueError(f"solver_kwargs: early_exit: solver {solver!r} does not take it")
         backward_solver = backward_solver or solver
         if backward_kwargs is not None and backward_kwargs.get("early_exit"):
             raise ValueError("backward_kwargs: early_exit is for the forward solve only")
         backward_kwargs = dict(solver_kwargs if backward_kwargs is None else backward_kwargs)
         backward_kwargs.pop("callback", None)
-        backward_kwargs.pop("early_exit", None)  # the backward solve's f is a VJP of the whole batch
         check_solver_kwargs(backward_solver, backward_kwargs, "backward_kwargs")
         self.f = f
         self.solver = solver
         self.solver_kwargs = dict(solver_kwargs)
+        self.early_exit: bool | None = early_exit  # None: automatic (see the class docstring)
         self.backward_mode = backward
         self.backward_solver = backward_solver
         self.backward_kwargs = backward_kwargs
@@ -109,7 +117,8 @@ class DEQFixedPoint(nn.Module):
             raise ValueError(f"observe must be callable, got {type(observe).__name__}")
         name = solver or self.solver
         kwargs = {**self.solver_kwargs, **overrides} if name == self.solver else dict(overrides)
-        requested = kwargs.pop("early_exit", None)
+        requested = kwargs.pop("early_exit", self.early_exit)
+        check_early_exit(requested, automatic=True)
         check_solver_kwargs(name, kwargs, "solver options")
         if lookup(name).supports_early_exit:
             kwargs["early_exit"] = self._early_exit(requested, x.shape[0], x.device.type, observe)
@@ -135,13 +144,15 @@ class DEQFixedPoint(nn.Module):
 
     def _early_exit(self, requested: bool | None, batch: int, device_type: str, observe) -> bool:
         """Whether this forward solve retires converged samples (see the class docstring)."""
-        if requested is not None and not isinstance(requested, bool):
-            raise ValueError(f"early_exit must be True, False or None (automatic), got {requested!r}")
-        mixing = [type(m).__name__ for m in self.f.modules() if isinstance(m, _BatchNorm) and m.training]
+        mixing = [  # batch statistics: in training mode, or always without running statistics
+            type(m).__name__ for m in self.f.modules()
+            if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+        ]  # fmt: skip
         if requested and mixing:
             raise ValueError(
-                f"early_exit=True: the cell's {mixing[0]} in training mode mixes the samples of a batch, "
-                "so a sample's f(z) would change as others leave it (use eval mode, or early_exit=False)"
+                f"early_exit=True: the cell's {mixing[0]} normalises with batch statistics, which mix the "
+                "samples of a batch, so a sample's f(z) would change as others leave it "
+                "(use running statistics in eval mode, or early_exit=False)"
             )
         if requested is not None:
             return requested

@@ -94,6 +94,8 @@ class ModelConfig:
                     f"backward_kwargs must be a dict or null, got {type(self.backward_kwargs).__name__}"
                 )
             check_solver_kwargs(self.backward_solver or self.solver, self.backward_kwargs, "backward_kwargs")
+            if self.backward_kwargs.get("early_exit"):
+                raise ValueError("backward_kwargs: early_exit is for the forward solve only")
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:

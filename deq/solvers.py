@@ -8,20 +8,25 @@ Every solver has the same signature::
   on sample b of the input (true of DEQ cells with per-sample norms).
 - The residual of sample b is the relative residual ||f(z)_b - z_b|| / ||f(z)_b||.
 - A solve stops when every sample's best residual is below ``tol``, after ``max_iter``
-  f-evaluations (z0 counts as the first iterate), on a non-finite value, or when the residual
-  blows up (see ``DIVERGENCE_FACTOR``).
+  f-evaluations (z0 counts as the first iterate), or when a sample not yet converged gets a
+  non-finite residual or one that blows up (see ``DIVERGENCE_FACTOR``).
 - The returned ``z_star`` is, per sample, the best iterate seen (lowest residual), not
   merely the last one, and a sample's first iterate below ``tol`` is final: what a sample
   returns does not depend on how long the rest of its batch kept iterating (nor on
   ``check_every`` or ``early_exit``).
 - ``callback(iteration, residual)`` is called once per iteration with the batch residual
-  (max over samples) as a float. Giving one makes every iteration synchronise with the device.
+  (max over the samples still iterating) as a float. Giving one makes every iteration
+  synchronise with the device.
 - ``check_every``: iterations between host-side convergence checks. Each check is one
   host-device synchronisation; on CUDA the default (4) keeps the loop mostly sync-free, on
   CPU the default is 1 (a check costs nothing there).
 
-All bookkeeping (residuals, best iterate) lives on the tensor's device; the residual trace is
-copied to the host once, at the end.
+On GPUs all bookkeeping (residuals, best iterate) lives on the tensor's device and the residual
+trace is copied to the host once, at the end; on the CPU it is kept on the host (see ``Monitor``).
+
+``early_exit=True`` (the built-in solvers; f must be a ``PerSample``): samples that have
+converged leave the solve at each check and f runs only on the rest. Answers and per-sample
+counts are those of the whole-batch solve, up to how f rounds on a smaller batch.
 
 Solvers are chosen by name from one registry, ``SOLVERS``. ``register_solver(name, fn, validate)``
 adds one: it then works in ``DEQFixedPoint``, ``train.py --solver/--backward-solver``,
@@ -56,6 +61,7 @@ __all__ = [
     "check_solver_kwargs",
     "COMMON_OPTIONS",
     "OPTIONAL_OPTIONS",
+    "check_early_exit",
 ]
 
 Callback = Callable[[int, float], None]
@@ -74,12 +80,15 @@ class SolverStats:
     """What one solve did. Created per call: safe to use from concurrent requests.
 
     trace: batch residual (max over samples) of each iterate, trace[0] being that of z0;
-        one entry per f-evaluation.
+        one entry per f-evaluation. A sample that has left the solve (early exit) counts with
+        its final residual.
     sample_residuals: (B,) residual of the returned (best) iterate of each sample.
     sample_evals: (B,) int64, per sample the f-evaluations it needed to reach ``tol`` (what it
         needs solved alone: samples never interact), or ``max_iter`` where it did not converge,
         also when the batch's solve stopped early (a divergence elsewhere cut it short).
     early_exit: whether converged samples were retired from the solve (``Monitor``).
+    f_work: samples f was evaluated on, summed over the f-evaluations (n_evals x B without
+        early exit): the work the solve did.
     """
 
     solver: str
@@ -91,6 +100,7 @@ class SolverStats:
     diverged: bool
     message: str
     early_exit: bool = False
+    f_work: int = 0
 
     @property
     def residual(self) -> float:
@@ -142,9 +152,15 @@ class PerSample:
         return PerSample(self.fn, *(t.index_select(0, index) for t in self.inputs))
 
 
+def check_early_exit(value, *, automatic: bool = False) -> None:
+    """ValueError unless ``value`` is True or False (or None, meaning automatic, where allowed)."""
+    if not (isinstance(value, bool) or (automatic and value is None)):
+        allowed = "True, False or None (automatic)" if automatic else "True or False"
+        raise ValueError(f"early_exit must be {allowed}, got {value!r}")
+
+
 def _check_early_exit(f, early_exit: bool) -> None:
-    if not isinstance(early_exit, bool):
-        raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
+    check_early_exit(early_exit)
     if early_exit and not isinstance(f, PerSample):
         raise ValueError(
             "early_exit=True needs f as deq.solvers.PerSample(fn, *inputs), so that the solver can "
@@ -179,8 +195,7 @@ class Monitor:
         """Validates the common arguments; z0: (B, ...), kept flattened as ``self.z0`` (B, D)."""
         _check_z0(z0)
         _validate(tol, max_iter, check_every, callback)
-        if not isinstance(early_exit, bool):
-            raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
+        check_early_exit(early_exit)
         self.shape = z0.shape
         self.view_shape = (-1, *z0.shape[1:])  # of the samples still iterating
         self.batch = batch = z0.shape[0]
@@ -209,6 +224,7 @@ class Monitor:
         self.index: Tensor | None = None  # samples still iterating (None: all of them)
         self.keep: Tensor | None = None
         self.count = 0
+        self.f_work = 0
         self.converged = False
         self.diverged = False
         self.message = ""
@@ -220,6 +236,7 @@ class Monitor:
         ``g_sqnorm`` (B,), when the solver has them); return True to stop."""
         self.keep = None
         self.count += 1
+        self.f_work += z.shape[0]
         fz_norm = torch.linalg.vector_norm(fz, dim=1)
         if g_sqnorm is None:
             g_size = torch.linalg.vector_norm(fz - z if gz is None else gz, dim=1)
@@ -265,7 +282,7 @@ class Monitor:
         if all(b < self.tol for b in best):
             self.converged = True
             self.message = f"converged: residual < tol={self.tol:g}"
-        elif not all(math.isfinite(r) for r in current):
+        elif not all(math.isfinite(r) or b < self.tol for r, b in zip(current, best, strict=True)):
             self.diverged = True
             self.message = f"diverged: non-finite residual at iteration {self.count - 1}"
         elif any(r > DIVERGENCE_FACTOR * b and b >= self.tol for r, b in zip(current, best, strict=True)):
@@ -359,6 +376,7 @@ class Monitor:
             diverged=self.diverged,
             message=self.message,
             early_exit=self.early_exit,
+            f_work=self.f_work,
         )
         return best_z.reshape(self.shape), stats
 
@@ -527,7 +545,7 @@ class _HostWeights:
             H = [[gram[i][j] / scale + (self.lam if i == j else 0.0) for j in range(n)] for i in range(n)]
             w = _solve_ones(H)
             total = sum(w)
-            alphas.append([x / total for x in w])
+            alphas.append([x / total if total else math.nan for x in w])
         return torch.tensor(alphas, dtype=self.dtype).unsqueeze(1)
 
 
@@ -584,7 +602,8 @@ def broyden(
     g = fz - z
     if not (mon.observe(z, fz, g) or max_iter == 1):
         if (keep := mon.keep) is not None:
-            f, z, g = f.select(keep), z.index_select(0, keep), g.index_select(0, keep)
+            f = f.select(keep)
+            z, g, U, V = (t.index_select(0, keep) for t in (z, g, U, V))
         step = g  # -H_0 g = g
         for r in range(max_iter - 1):
             z = z + step
@@ -670,8 +689,7 @@ class Solver:
         opts = {**accepted, **options}
         try:
             _validate(opts["tol"], opts["max_iter"], opts["check_every"], opts["callback"])
-            if not isinstance(opts.get("early_exit", False), bool):
-                raise ValueError(f"early_exit must be True or False, got {opts['early_exit']!r}")
+            check_early_exit(opts.get("early_exit", False))
             if self.validate is not None:
                 self.validate(**{k: opts[k] for k in self.own_options})
         except ValueError as err:

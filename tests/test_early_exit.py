@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -131,10 +133,10 @@ def test_layer_turns_early_exit_on_for_batches():
 
 
 class BatchNormCell(nn.Module):
-    def __init__(self):
+    def __init__(self, track_running_stats: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.norm = nn.BatchNorm2d(4)
+        self.norm = nn.BatchNorm2d(4, track_running_stats=track_running_stats)
 
     def forward(self, z, x):
         return torch.tanh(self.norm(self.conv(z)) * 0.3 + x)
@@ -144,17 +146,26 @@ def test_early_exit_is_refused_where_the_cell_mixes_samples():
     layer = DEQFixedPoint(BatchNormCell(), tol=1e-4, max_iter=50)
     x = torch.randn(4, 4, 5, 5)
     with torch.no_grad():
-        with pytest.raises(ValueError, match="BatchNorm2d in training mode"):
+        with pytest.raises(ValueError, match="BatchNorm2d normalises with batch statistics"):
             layer.train().solve(x, early_exit=True)
         assert not layer.solve(x)[1].early_exit
         assert layer.eval().solve(x)[1].early_exit  # running statistics: samples independent
+        batch_statistics = DEQFixedPoint(
+            BatchNormCell(track_running_stats=False), tol=1e-4, max_iter=50
+        ).eval()
+        assert not batch_statistics.solve(x)[1].early_exit  # even in eval mode
+        with pytest.raises(ValueError, match="batch statistics"):
+            batch_statistics.solve(x, early_exit=True)
 
 
 def test_early_exit_options_of_the_layer():
     with pytest.raises(ValueError, match="backward_kwargs: early_exit"):
         DEQFixedPoint(ResNetCell(8, 16, 4, 0.3), backward_kwargs={"early_exit": True})
-    with pytest.raises(ValueError, match="early_exit"):
+    with pytest.raises(ValueError, match="backward_kwargs: early_exit"):
+        ModelConfig(backward_kwargs={"early_exit": True})
+    with pytest.raises(ValueError, match="solver_kwargs: early_exit must be True, False or None"):
         DEQFixedPoint(ResNetCell(8, 16, 4, 0.3), early_exit="yes")
+    assert DEQFixedPoint(ResNetCell(8, 16, 4, 0.3), early_exit=None).early_exit is None  # automatic
     layer, x = small_layer(early_exit=True)  # the forward solve's option; the backward never takes it
     layer.train()
     x.requires_grad_()
@@ -178,3 +189,38 @@ def test_evaluate_reports_throughput_and_the_same_predictions():
     assert runs[True]["predictions_digest"] == runs[False]["predictions_digest"]
     assert runs[True]["accuracy"] == runs[False]["accuracy"]
     assert runs[True]["images_per_s"] > 0 and runs[False]["images_per_s"] > 0
+
+
+def test_broyden_narrows_everything_when_samples_start_converged():
+    """A warm start: sample 0 starts at its fixed point and leaves at the first check."""
+    fn, x, calls = spread_problem(batch=3)
+    x[0, :16] = 0  # z -> A z: its fixed point is z0 = 0
+    z0 = torch.zeros(3, 16, dtype=torch.float64)
+    for name in BUILT_IN:
+        z, stats = get_solver(name)(PerSample(fn, x), z0, tol=1e-8, max_iter=200, early_exit=True)
+        full = get_solver(name)(PerSample(fn, x), z0, tol=1e-8, max_iter=200)[1]
+        assert stats.converged and int(stats.sample_evals[0]) == 1
+        assert torch.equal(stats.sample_evals, full.sample_evals)
+        assert stats.f_work == int(stats.sample_evals.sum()) < full.f_work == 3 * full.n_evals
+
+
+def test_a_converged_sample_going_non_finite_stops_nothing():
+    """Sample 0 converges, then its f turns NaN: the others go on, with or without early exit."""
+
+    def fn(z, x):
+        scale, poison = x[:, :1], x[:, 1:2]
+        fz = scale * z + 1.0
+        close = (z - 1 / (1 - scale)).abs().amax(1, keepdim=True) < 1e-9  # well after it converged
+        return torch.where((poison > 0) & close, math.nan, fz)
+
+    x = torch.tensor([[0.05, 1.0], [0.8, 0.0], [0.9, 0.0]], dtype=torch.float64)
+    z0 = torch.zeros(3, 4, dtype=torch.float64)
+    runs = [
+        SOLVERS["forward"](PerSample(fn, x), z0, tol=1e-6, max_iter=300, early_exit=ee)
+        for ee in (False, True)
+    ]
+    for z, stats in runs:
+        assert stats.converged and not stats.diverged, stats.message
+        assert torch.isfinite(z).all()
+    assert torch.equal(runs[0][1].sample_evals, runs[1][1].sample_evals)
+    assert torch.equal(runs[0][0], runs[1][0])

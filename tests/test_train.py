@@ -402,3 +402,15 @@ def test_spectral_radius_band_penalises_the_distance_outside_it():
                 ["--rho-reg", "1", "--compile"], ["--preset", "cpu-rho"]):  # fmt: skip
         with pytest.raises(SystemExit):
             train.parse_args(bad)
+
+
+def test_early_exit_options_of_train_py():
+    cfg, _ = train.parse_args(["--solver-option", "early_exit=true"])
+    assert cfg.model.solver_kwargs["early_exit"] is True
+    assert "early_exit" not in cfg.model.backward_kwargs  # the forward's options, less this one
+    for bad in (
+        ["--solver-option", "early_exit=true", "--compile"],
+        ["--backward-option", "early_exit=true"],
+    ):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
