@@ -206,8 +206,9 @@ def bench_early_exit(args) -> None:
     batch = [x for x, _ in batches(images[: args.early_exit_images].to(args.device), None, 100)]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     where = f"torch threads {torch.get_num_threads()}" if args.device == "cpu" else args.device
+    shown = min(args.early_exit_images, len(images))
     print(
-        f"\nearly exit: {args.model} on {args.early_exit_images} test images, batch 100, Anderson tol 1e-4, "
+        f"\nearly exit: {args.model} on {shown} test images, batch 100, Anderson tol 1e-4, "
         f"max_iter 100, device {args.device}, {where}"
     )
     seconds, answers, work = {False: 0.0, True: 0.0}, {False: [], True: []}, {False: 0, True: 0}
@@ -224,7 +225,7 @@ def bench_early_exit(args) -> None:
                 answers[early_exit].append(logits.argmax(1))
                 work[early_exit] += stats.f_work
     answers = {early_exit: torch.cat(a) for early_exit, a in answers.items()}
-    n = args.early_exit_images
+    n = len(answers[True])
     same = int((answers[True] == answers[False]).sum())
     print(f"{'early exit':<12} {'images/s':>9} {'f-evaluations per image':>24}")
     for early_exit in (False, True):

@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         "--early-exit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="stop iterating each image once it has converged (default: the layer's, on on the CPU "
-        "and off on GPUs; the report's images_per_s is the solves' throughput, f_work_per_image the "
+        help="stop iterating each image once it has converged (default: the layer's choice, on for "
+        "CPU batches, off on GPUs; the report's images_per_s is the solves' throughput, f_work_per_image the "
         "f-evaluations done per image, predictions_digest compares two runs' answers)",
     )
     parser.add_argument(

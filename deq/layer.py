@@ -51,7 +51,8 @@ class DEQFixedPoint(nn.Module):
 
     Early exit: a forward solve of a batch stops iterating each sample once it has converged and
     evaluates f only on the rest (``early_exit``, for the solvers that take it). Unless set
-    (True/False; None is automatic), it is on for batches of more than one sample on the CPU, in
+    (True/False; None is automatic; a ModelConfig's solver_kwargs leave it out for automatic),
+    it is on for batches of more than one sample on the CPU, in
     eval and training mode (measured there), and off on GPUs (not measured yet). It needs a cell
     whose samples do not interact: a BatchNorm that normalises with batch statistics (training
     mode, or no running statistics) turns it off, and ``early_exit=True`` then raises ValueError.
@@ -117,7 +118,8 @@ class DEQFixedPoint(nn.Module):
             raise ValueError(f"observe must be callable, got {type(observe).__name__}")
         name = solver or self.solver
         kwargs = {**self.solver_kwargs, **overrides} if name == self.solver else dict(overrides)
-        requested = kwargs.pop("early_exit", self.early_exit)
+        # the layer's own setting goes with its own solver; another solver gets what the call asks
+        requested = kwargs.pop("early_exit", self.early_exit if name == self.solver else None)
         check_early_exit(requested, automatic=True)
         check_solver_kwargs(name, kwargs, "solver options")
         if lookup(name).supports_early_exit:

@@ -15,8 +15,8 @@ Every solver has the same signature::
   returns does not depend on how long the rest of its batch kept iterating (nor on
   ``check_every`` or ``early_exit``).
 - ``callback(iteration, residual)`` is called once per iteration with the batch residual
-  (max over the samples still iterating) as a float. Giving one makes every iteration
-  synchronise with the device.
+  (max over samples, a converged one counting with its final residual) as a float. Giving one
+  makes every iteration synchronise with the device.
 - ``check_every``: iterations between host-side convergence checks. Each check is one
   host-device synchronisation; on CUDA the default (4) keeps the loop mostly sync-free, on
   CPU the default is 1 (a check costs nothing there).
@@ -80,8 +80,8 @@ class SolverStats:
     """What one solve did. Created per call: safe to use from concurrent requests.
 
     trace: batch residual (max over samples) of each iterate, trace[0] being that of z0;
-        one entry per f-evaluation. A sample that has left the solve (early exit) counts with
-        its final residual.
+        one entry per f-evaluation. A sample that has converged counts with its final residual
+        (whether it left the solve or not).
     sample_residuals: (B,) residual of the returned (best) iterate of each sample.
     sample_evals: (B,) int64, per sample the f-evaluations it needed to reach ``tol`` (what it
         needs solved alone: samples never interact), or ``max_iter`` where it did not converge,
@@ -246,6 +246,8 @@ class Monitor:
             g_sizes, fz_norms = torch.stack((g_size, fz_norm)).tolist()
             current = _relative_residuals(g_sizes, fz_norms, squared=g_sqnorm is not None)
             tol = self.tol
+            # the batch residual counts a converged sample with its final residual
+            shown = [b if b < tol else r for r, b in zip(current, self.best, strict=True)]
             improved = [r < b and not b < tol for r, b in zip(current, self.best, strict=True)]
             if all(improved):
                 self.best_z = z  # no copy: solvers never modify an iterate in place
@@ -254,7 +256,7 @@ class Monitor:
                 mask = torch.tensor(improved, device=z.device).unsqueeze(1)
                 self.best_z = torch.where(mask, z, self.best_z)
                 self.best = [r if i else b for r, b, i in zip(current, self.best, improved, strict=True)]
-            largest = max(current)
+            largest = max(shown)
             if min(current) < tol:  # a sample's first iterate below tol is where it improves
                 for i, (r, better) in enumerate(zip(current, improved, strict=True)):
                     if better and r < tol:
@@ -267,12 +269,13 @@ class Monitor:
             return self._check(current, self.best)
         g_norm = g_size if g_sqnorm is None else g_size.sqrt()
         res = g_norm.div_(fz_norm.clamp_min_(_EPS)).nan_to_num_(nan=math.inf)
-        improved = (res < self.best_res) & (self.best_res >= self.tol)  # converged: final
+        done = self.best_res < self.tol  # converged: final, and counted with its final residual
+        self.rows.append(torch.where(done, self.best_res, res))
+        improved = (res < self.best_res) & ~done
         self.best_res = torch.where(improved, res, self.best_res)
         self.best_z = torch.where(improved.unsqueeze(1), z, self.best_z)
-        self.rows.append(res)
         if self.callback is not None:
-            self.callback(self.count - 1, float(res.max()))
+            self.callback(self.count - 1, float(self.rows[-1].max()))
         if self.count % self.check_every:
             return False
         current, best = torch.stack((res, self.best_res)).tolist()  # the loop's one wait

@@ -224,3 +224,5 @@ def test_a_converged_sample_going_non_finite_stops_nothing():
         assert torch.isfinite(z).all()
     assert torch.equal(runs[0][1].sample_evals, runs[1][1].sample_evals)
     assert torch.equal(runs[0][0], runs[1][0])
+    # a converged sample counts with its final residual: the same finite trace in both modes
+    assert runs[0][1].trace == runs[1][1].trace and all(map(math.isfinite, runs[0][1].trace))

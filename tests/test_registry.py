@@ -198,3 +198,13 @@ def test_a_solver_without_early_exit_is_left_alone(toy_solver):
         assert not stats.early_exit
         with pytest.raises(ValueError, match=f"early_exit: solver '{toy_solver}' does not take it"):
             layer.solve(x, solver=toy_solver, early_exit=True)
+
+
+def test_a_layer_set_to_exit_early_still_runs_a_solver_without_it(toy_solver):
+    """The layer's early_exit goes with its own solver; another solver gets what the call asks."""
+    torch.manual_seed(0)
+    layer = DEQFixedPoint(ResNetCell(8, 16, 4, 0.05), tol=1e-5, max_iter=200, early_exit=True).eval()
+    x = torch.randn(5, 8, 6, 6)
+    with torch.no_grad():
+        assert layer.solve(x)[1].early_exit
+        assert layer.solve(x, solver=toy_solver)[1].converged
