@@ -75,13 +75,11 @@ class DEQFixedPoint(nn.Module):
         if not isinstance(phantom_steps, int) or phantom_steps < 1:
             raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}")
         early_exit = solver_kwargs.pop("early_exit", None)
+        check_solver_kwargs(solver, solver_kwargs, "solver_kwargs")
         try:
-            check_early_exit(early_exit, automatic=True)
+            _check_requested_early_exit(solver, early_exit)
         except ValueError as err:
             raise ValueError(f"solver_kwargs: {err}") from None
-        check_solver_kwargs(solver, solver_kwargs, "solver_kwargs")
-        if early_exit and not lookup(solver).supports_early_exit:
-            raise ValueError(f"solver_kwargs: early_exit: solver {solver!r} does not take it")
         backward_solver = backward_solver or solver
         if backward_kwargs is not None and backward_kwargs.get("early_exit"):
             raise ValueError("backward_kwargs: early_exit is for the forward solve only")
@@ -120,12 +118,10 @@ class DEQFixedPoint(nn.Module):
         kwargs = {**self.solver_kwargs, **overrides} if name == self.solver else dict(overrides)
         # the layer's own setting goes with its own solver; another solver gets what the call asks
         requested = kwargs.pop("early_exit", self.early_exit if name == self.solver else None)
-        check_early_exit(requested, automatic=True)
         check_solver_kwargs(name, kwargs, "solver options")
+        _check_requested_early_exit(name, requested)
         if lookup(name).supports_early_exit:
             kwargs["early_exit"] = self._early_exit(requested, x.shape[0], x.device.type, observe)
-        elif requested:
-            raise ValueError(f"early_exit: solver {name!r} does not take it")
         # Under autocast, f keeps the caller's mixed precision but the solver's own arithmetic
         # (iterates, Gram matrices, small solves) stays in at least float32.
         device = x.device.type
@@ -225,6 +221,14 @@ class DEQFixedPoint(nn.Module):
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, solver_kwargs={self.solver_kwargs}, backward={self.backward_mode!r}"
+
+
+def _check_requested_early_exit(solver: str, requested) -> None:
+    """ValueError unless ``requested`` is True, False or None (automatic), and True only for a
+    solver that takes ``early_exit``."""
+    check_early_exit(requested, automatic=True)
+    if requested and not lookup(solver).supports_early_exit:
+        raise ValueError(f"early_exit: solver {solver!r} does not take it")
 
 
 def _jacobian_penalty(fz: Tensor, z: Tensor) -> Tensor:

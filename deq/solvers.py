@@ -159,8 +159,9 @@ def check_early_exit(value, *, automatic: bool = False) -> None:
         raise ValueError(f"early_exit must be {allowed}, got {value!r}")
 
 
-def _check_early_exit(f, early_exit: bool) -> None:
-    check_early_exit(early_exit)
+def _check_per_sample(f, early_exit: bool) -> None:
+    """Early exit narrows f to a subset of the batch: only a PerSample can be narrowed.
+    (``Monitor`` has already validated ``early_exit`` itself.)"""
     if early_exit and not isinstance(f, PerSample):
         raise ValueError(
             "early_exit=True needs f as deq.solvers.PerSample(fn, *inputs), so that the solver can "
@@ -406,8 +407,8 @@ def forward_iteration(
     early_exit: bool = False,
 ) -> tuple[Tensor, SolverStats]:
     """Plain fixed-point iteration z_{k+1} = f(z_k). z0: (B, ...); returns z* of the same shape."""
-    _check_early_exit(f, early_exit)
     mon = Monitor(z0, tol, max_iter, callback, check_every, early_exit=early_exit)
+    _check_per_sample(f, early_exit)
     z = mon.z0
     n_evals = 0
     for _ in range(max_iter):
@@ -445,8 +446,8 @@ def anderson(
     entry ||g_k||^2 is also the residual's numerator.
     """
     _validate_anderson(m, lam, beta)
-    _check_early_exit(f, early_exit)
     mon = Monitor(z0, tol, max_iter, callback, check_every, early_exit=early_exit)
+    _check_per_sample(f, early_exit)
     z = mon.z0
     G = z.new_empty(z.shape[0], m, z.shape[1])  # residuals g_i = f(z_i) - z_i
     Y = torch.empty_like(G)  # z_i + beta * g_i: the next z is sum_i alpha_i Y_i
@@ -587,8 +588,8 @@ def broyden(
     iteration, up to max_iter - 1; memory 2 * B * max_iter * D). Each iteration applies H and
     H^T once (the next step reuses H g_k = -step_k: H g_{k+1} = -step_k + H (g_{k+1} - g_k)).
     """
-    _check_early_exit(f, early_exit)
     mon = Monitor(z0, tol, max_iter, callback, check_every, early_exit=early_exit)
+    _check_per_sample(f, early_exit)
     z = mon.z0
     # Rank-r update vectors, in buffers that double when full (max_iter can be large).
     U = z.new_zeros(z.shape[0], min(max_iter, 8), z.shape[1])
