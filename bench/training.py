@@ -3,6 +3,7 @@
     python -m bench.training                 # CPU, batch 32
     python -m bench.training --device cuda --batch-size 100
     python -m bench.training --recipes       # whole training recipes side by side (CPU: ~1 min)
+    python -m bench.training --device cuda --recipes gpu   # the GPU presets' options side by side
     python -m bench.training --early-exit --batch-size 64   # early exit in training, shipped cpu model
 
 1. Training images/s with the exact implicit backward vs the phantom (1-step) backward, same
@@ -13,6 +14,7 @@
 3. With --recipes instead: training images/s of whole train.py recipes (layout, widths, batch,
    backward, Jacobian regulariser, memory format), every solve running to its max_iter (tol
    unreachable), so the figures are each recipe's worst case and compare like with like.
+   --recipes gpu: the GPU presets, implicit vs phantom gradient, with and without the regulariser.
 4. With --early-exit instead: training steps (cross-entropy, implicit backward, no regulariser)
    of a shipped model (--model, its own solver settings) on real training images (--data),
    with the forward solve's per-sample early exit off and on, side by side.
@@ -46,6 +48,25 @@ RECIPES = (
     ("large 64/96 (cheaper cell), otherwise cpu (now)", {"preset": "cpu", "n_inner_channels": 96}),
     ("cpu-rho: cpu (now) + spectral-radius band (8 VJPs), f 20 / b 10", {"preset": "cpu-rho"}),
 )  # fmt: skip
+
+#: --recipes gpu: the GPU presets as run 3 trained them (H200, 2026-11-27) against the phantom
+#: gradient at batch 512, with and without the Jacobian regulariser: what the next GPU run picks
+#: from. The first row is the baseline of the "vs first" column.
+GPU_RECIPES = (
+    ("fast (run 3): seed 48/64, implicit, jac 3, f 20 / b 12, batch 256",
+     {"preset": "fast", "batch_size": 256}),
+    ("fast, phantom, jac 3, batch 256", {"preset": "fast", "batch_size": 256, "backward": "phantom"}),
+    ("fast, phantom, jac 3, batch 512", {"preset": "fast", "batch_size": 512, "backward": "phantom"}),
+    ("fast, phantom, no regulariser, batch 512",
+     {"preset": "fast", "batch_size": 512, "backward": "phantom", "jac_reg": 0.0}),
+    ("large (run 3): 128/256, implicit, jac 3, f 15 / b 10, batch 256",
+     {"preset": "large", "batch_size": 256}),
+    ("large, phantom, jac 3, batch 512", {"preset": "large", "batch_size": 512, "backward": "phantom"}),
+    ("large, phantom, no regulariser, batch 512",
+     {"preset": "large", "batch_size": 512, "backward": "phantom", "jac_reg": 0.0}),
+)  # fmt: skip
+
+RECIPE_SETS = {"cpu": RECIPES, "gpu": GPU_RECIPES}
 
 
 #: Batches of real training images --early-exit steps through (each round).
@@ -110,18 +131,18 @@ def recipe_step_time(options: dict, device: torch.device, sync, repeats: int) ->
     return statistics.median(times), cfg.batch_size, sum(p.numel() for p in model.parameters())
 
 
-def compare_recipes(device: torch.device, sync, repeats: int) -> None:
+def compare_recipes(recipes, device: torch.device, sync, repeats: int) -> None:
     print(f"training recipes (median step of {repeats} after warm-up, best of 2 alternating rounds)")
-    best = {label: math.inf for label, _ in RECIPES}
+    best = {label: math.inf for label, _ in recipes}
     sizes = {}
     for _ in range(2):  # alternate so machine drift hits every recipe
-        for label, options in RECIPES:
+        for label, options in recipes:
             t, batch, params = recipe_step_time(options, device, sync, repeats)
             best[label] = min(best[label], t / batch)
             sizes[label] = params
-    base = best[RECIPES[0][0]]
-    print(f"{'recipe':<66} {'params':>8} {'images/s':>9} {'vs before':>9}")
-    for label, _ in RECIPES:
+    base = best[recipes[0][0]]
+    print(f"{'recipe':<66} {'params':>8} {'images/s':>9} {'vs first':>9}")
+    for label, _ in recipes:
         print(f"{label:<66} {sizes[label]:>8,} {1 / best[label]:>9.1f} {base / best[label]:>8.2f}x")
 
 
@@ -171,7 +192,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--recipes", action="store_true", help="compare whole training recipes instead")
+    parser.add_argument(
+        "--recipes",
+        nargs="?",
+        const="cpu",
+        choices=sorted(RECIPE_SETS),
+        help="compare whole training recipes instead: the CPU ones (the default) or the GPU presets",
+    )
     parser.add_argument("--early-exit", action="store_true", help="early exit off vs on in training instead")
     parser.add_argument("--model", default="checkpoints/cpu", help="shipped model of --early-exit")
     parser.add_argument("--data", default="data", help="CIFAR-10 folder of --early-exit")
@@ -184,7 +211,7 @@ def main() -> None:
         return
     if args.recipes:
         print(f"device {device} ({device_label(device)}), torch threads {torch.get_num_threads()}\n")
-        compare_recipes(device, sync, args.repeats)
+        compare_recipes(RECIPE_SETS[args.recipes], device, sync, args.repeats)
         return
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)

@@ -8,7 +8,7 @@ What it does, with every run planned for a wall-clock budget (train.py --time-bu
 2. Trains a sweep of seed-size configurations (``fast`` preset plus --seed-args, one
    Jacobian-regulariser weight each, concurrent processes; by default the one weight the first
    session chose), then the ``large`` preset plus --large-args (after the sweep, or alongside it
-   with --concurrent). All hold out the same
+   with --concurrent); --models picks one of the two. All hold out the same
    5,000 training images as a validation split; none of them sees the test set.
 3. Picks the seed configuration on the validation split alone: among the runs that are real
    equilibrium models there (Anderson converges to tol 1e-4 within 100 f-evaluations on >= 98%
@@ -18,12 +18,13 @@ What it does, with every run planned for a wall-clock budget (train.py --time-bu
    own solver settings (the card's headline accuracy), and as the app solves: tol 1e-4 /
    max_iter 100 from z0 = 0, no flips, true float32, with Anderson and with forward iteration
    (per-image f-evaluation counts).
-5. Runs the CUDA-only tests and (unless --no-benchmarks) the solver and training benchmarks.
+5. Runs the CUDA-only tests and (unless --no-benchmarks) the solver and training benchmarks,
+   the GPU presets' recipes among them (``bench.training --recipes gpu``).
 
 What comes back under --out (at most 8 files): checkpoints.tar.gz (seed/ = the chosen run,
 large/, and each sweep run, without resume state), summary.json, session.log, logs.tar.gz,
-tests.txt, bench_solvers.txt, bench_training.txt. Everything is written as soon as it exists, so
-a run cut short still returns what it finished.
+tests.txt, bench_solvers.txt, bench_training.txt, bench_recipes.txt. Everything is written as
+soon as it exists, so a run cut short still returns what it finished.
 """
 
 from __future__ import annotations
@@ -236,7 +237,14 @@ def main() -> None:
         help="extra train.py options for the seed runs (before --train-args)",
     )
     parser.add_argument("--large-args", default=LARGE_ARGS, help="extra train.py options for the large run")
-    parser.add_argument("--no-large", action="store_true", help="train the seed sweep only")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=("seed", "large"),
+        default=["seed", "large"],
+        help="what to train: the seed sweep, the large model or both (e.g. --models large "
+        "--large-budget 470 gives large the whole command)",
+    )
     parser.add_argument("--no-bench", action="store_true", help="skip the CUDA tests and benchmarks")
     parser.add_argument(
         "--no-benchmarks", action="store_true", help="run the CUDA tests but skip the benchmarks"
@@ -274,10 +282,12 @@ def main() -> None:
     log(f"torch {torch.__version__} on {device}")
 
     prepare_data(args.data)
-    large = None if args.no_large else Run("large", "large", args.large_budget, args.large_args.split())
+    large = None
+    if "large" in args.models:
+        large = Run("large", "large", args.large_budget, args.large_args.split())
     seeds = [
         Run(f"seed-jac{w:g}", "fast", args.seed_budget, [*args.seed_args.split(), "--jac-reg", str(w)])
-        for w in args.sweep_jac
+        for w in (args.sweep_jac if "seed" in args.models else ())
     ]
     for run in seeds:
         start(run, args, runs, logs)
@@ -301,8 +311,9 @@ def main() -> None:
             "anderson": reports["anderson"], "forward": reports["forward"],
             "real_equilibrium": is_real_equilibrium(reports),
         })  # fmt: skip
-    summary["seed_candidates"] = candidates
-    save()
+    if seeds:
+        summary["seed_candidates"] = candidates
+        save()
     trained = [c for c in candidates if c.get("val_accuracy") is not None]
     eligible = [c for c in trained if c["real_equilibrium"]] or trained
     if eligible:
@@ -359,6 +370,8 @@ def main() -> None:
         sh(bench_solvers, out / "bench_solvers.txt", timeout=60)
         bench_training = [PY, "-m", "bench.training", "--device", "cuda", "--batch-size", "100"]
         sh(bench_training, out / "bench_training.txt", timeout=45)
+        bench_recipes = [PY, "-m", "bench.training", "--device", "cuda", "--recipes", "gpu", "--repeats", "3"]
+        sh(bench_recipes, out / "bench_recipes.txt", timeout=90)
     summary["wall_s"] = round(time.time() - t0, 1)
     save()
     pack(out, runs, logs)

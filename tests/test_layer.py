@@ -194,6 +194,48 @@ def test_jacobian_penalty_estimates_frobenius_norm_and_trains(backward):
     assert (info.backward is not None) == (backward == "implicit")
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_phantom_shares_the_regularisers_f_evaluation(steps):
+    """With the Jacobian penalty, the phantom's first step is the regulariser's f(z*): one f
+    call fewer, and the same gradients as computing the two separately."""
+    cell = small_cell(std=0.2)
+    layer = DEQFixedPoint(cell, backward="phantom", phantom_steps=steps, **tight())
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    calls = 0
+
+    def count(*_):
+        nonlocal calls
+        calls += 1
+
+    handle = cell.register_forward_hook(count)
+    layer.solve(x)
+    solve_calls, calls = calls, 0
+    torch.manual_seed(1)  # the penalty's random projection
+    z, info = layer(x, jacobian_penalty=True)
+    handle.remove()
+    assert calls - solve_calls == steps  # the regulariser's f(z*), then steps - 1 more
+    (z.square().sum() + info.jacobian_penalty).backward()
+    shared = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in cell.parameters()])
+
+    # the same loss, the penalty and the phantom steps built from separate f-evaluations
+    x.grad = None
+    cell.zero_grad()
+    z_star, _ = layer.solve(x)
+    torch.manual_seed(1)
+    z_leaf = z_star.detach().requires_grad_()
+    fz = cell(z_leaf, x)
+    v = torch.randn_like(fz)
+    (vjp,) = torch.autograd.grad(fz, z_leaf, v, create_graph=True)
+    penalty = vjp.pow(2).sum() / v.numel()
+    z_ref = z_star
+    for _ in range(steps):
+        z_ref = cell(z_ref, x)
+    torch.testing.assert_close(z, z_ref)
+    (z_ref.square().sum() + penalty).backward()
+    separate = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in cell.parameters()])
+    torch.testing.assert_close(shared, separate)
+
+
 def test_spectral_radius_matches_the_eigenvalues_per_sample_and_is_differentiable():
     torch.manual_seed(0)
     n = 12
