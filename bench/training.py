@@ -50,8 +50,10 @@ RECIPES = (
 )  # fmt: skip
 
 #: --recipes gpu: the GPU presets as run 3 trained them (H200, 2026-11-27) against the phantom
-#: gradient at batch 512, with and without the Jacobian regulariser: what the next GPU run picks
-#: from. The first row is the baseline of the "vs first" column.
+#: gradient at batch 512, with and without the Jacobian regulariser and with the spectral-radius
+#: band (on the CPU, phantom training alone made the cell so contractive that forward iteration
+#: kept up with Anderson; README): what the next GPU run picks from. The first row is the
+#: baseline of the "vs first" column.
 GPU_RECIPES = (
     ("fast (run 3): seed 48/64, implicit, jac 3, f 20 / b 12, batch 256",
      {"preset": "fast", "batch_size": 256}),
@@ -59,6 +61,9 @@ GPU_RECIPES = (
     ("fast, phantom, jac 3, batch 512", {"preset": "fast", "batch_size": 512, "backward": "phantom"}),
     ("fast, phantom, no regulariser, batch 512",
      {"preset": "fast", "batch_size": 512, "backward": "phantom", "jac_reg": 0.0}),
+    ("fast, phantom, jac 3 + spectral-radius band (8 VJPs), batch 512",
+     {"preset": "fast", "batch_size": 512, "backward": "phantom", "rho_reg": 4.0, "rho_min": 0.78,
+      "rho_max": 0.88}),
     ("large (run 3): 128/256, implicit, jac 3, f 15 / b 10, batch 256",
      {"preset": "large", "batch_size": 256}),
     ("large, phantom, jac 3, batch 512", {"preset": "large", "batch_size": 512, "backward": "phantom"}),

@@ -29,7 +29,10 @@ def test_smoke_run_trains_selects_on_validation_and_packs(tmp_path):
     assert all(
         c["anderson"]["split"] == "val" and c["anderson"]["images"] == 100 for c in summary["seed_candidates"]
     )
-    assert all(c["options"][:2] == ["--batch-size", "256"] for c in summary["seed_candidates"])  # --seed-args
+    assert all(  # --seed-args
+        c["options"][:2] == ["--batch-size", "256"] and "--bn-recalibrate" in c["options"]
+        for c in summary["seed_candidates"]
+    )
     assert summary["seed"]["chosen"] in ("seed-jac0.5", "seed-jac4")
     assert {"own", "anderson", "forward"} == set(summary["seed"]["test"]) == set(summary["large"]["test"])
     seed = json.loads((runs / "seed" / "config.json").read_text())["card"]
