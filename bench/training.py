@@ -105,15 +105,20 @@ def saved_bytes(fn) -> int:
     return total
 
 
-def recipe_step_time(options: dict, device: torch.device, sync, repeats: int) -> tuple[float, int, int]:
-    """(seconds per training step, batch size, parameters) of one train.py recipe."""
+def recipe_config(options: dict, **overrides):
+    """The train.TrainConfig of a recipe: its preset (if any), then its options, then ``overrides``."""
     import train  # the repository root is on sys.path under `python -m bench.training`
 
     options = dict(options)
     preset = options.pop("preset", None)
-    # tol unreachable: every solve runs to its max_iter
-    flat = {**(train.PRESETS[preset] if preset else {}), **options, "f_tol": 1e-30, "b_tol": 1e-30}
-    cfg = train.config_from_options(flat)
+    return train.config_from_options({**(train.PRESETS[preset] if preset else {}), **options, **overrides})
+
+
+def recipe_step_time(options: dict, device: torch.device, sync, repeats: int) -> tuple[float, int, int]:
+    """(seconds per training step, batch size, parameters) of one train.py recipe."""
+    import train
+
+    cfg = recipe_config(options, f_tol=1e-30, b_tol=1e-30)  # tol unreachable: every solve runs to max_iter
     torch.manual_seed(0)
     model = DEQClassifier(cfg.model).to(device)
     x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)

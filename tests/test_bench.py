@@ -6,16 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import train
-from bench.training import RECIPE_SETS, recipe_step_time
+from bench.training import RECIPE_SETS, recipe_config, recipe_step_time
 
 
 @pytest.mark.parametrize("name", sorted(RECIPE_SETS))
 def test_every_recipe_is_a_valid_train_config(name):
     for label, options in RECIPE_SETS[name]:
-        options = dict(options)
-        preset = options.pop("preset", None)
-        cfg = train.config_from_options({**(train.PRESETS[preset] if preset else {}), **options})
+        cfg = recipe_config(options)
         assert cfg.batch_size == options.get("batch_size", cfg.batch_size), label
         assert cfg.model.backward == options.get("backward", cfg.model.backward), label
 
